@@ -1,0 +1,27 @@
+"""`restnet`: a thin dispatcher. Each subcommand lives with its side and is imported lazily,
+so `restnet --help` starts fast and no side imports another."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "catalog": ("restnet.stitch_cmd", "catalog_main", "build or show the catalog of hybrids"),
+    "cka": ("restnet.stitch_cmd", "cka_main", "write a CKA heat map for two anchors"),
+    "demo": ("restnet.stitch_cmd", "demo_main", "build the default zoo and catalog, show it"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        lines = [f"  {name:<9} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+        print("usage: restnet COMMAND [ARGS]  (restnet COMMAND --help for more)\n\ncommands:\n"
+              + "\n".join(lines))
+        return 0 if argv[:1] in ([], ["-h"], ["--help"]) else 2
+    module, func, _ = COMMANDS[argv[0]]
+    return getattr(importlib.import_module(module), func)(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The command-line shell of stitch_lib: `restnet catalog build|show`, `restnet cka`,
+`restnet demo`. Parses arguments and the zoo file, shows progress, prints, plots."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from stitch_lib.build import FINETUNE_MODES, BuildConfig, build_catalog
+from stitch_lib.catalog import Catalog
+from stitch_lib.cka import cka_matrix
+from stitch_lib.data import make_splits
+from stitch_lib.report import catalog_table, plot_cka, plot_pareto
+from stitch_lib.train import TrainConfig
+from stitch_lib.zoo import ZooSpec, build_zoo
+
+console = Console()
+DEFAULT_HOME = Path(".restnet")
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--zoo", type=Path, default=Path("zoo.yaml"), help="anchor zoo file (YAML)")
+    p.add_argument("--home", type=Path, default=DEFAULT_HOME,
+                   help="where trained anchors and the catalog live (default .restnet)")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def _anchors(args: argparse.Namespace):
+    try:
+        spec = ZooSpec.from_dict(yaml.safe_load(args.zoo.read_text()))
+    except (OSError, yaml.YAMLError, ValueError) as exc:
+        raise SystemExit(f"restnet: bad zoo file {args.zoo}: {exc}") from exc
+    splits = make_splits(spec.dataset, image_size=spec.image_size, n_calib=spec.n_calib,
+                         n_val=spec.n_val, n_test=spec.n_test, seed=spec.seed)
+    with _progress() as progress:
+        anchors = build_zoo(spec, splits, args.home / "anchors", progress)
+    return anchors, splits
+
+
+def _build(args: argparse.Namespace) -> Catalog:
+    cfg = BuildConfig(top_k=args.top_k, screen=args.screen, finetune=args.finetune,
+                      directions=args.directions,
+                      ft=TrainConfig(epochs=args.ft_epochs, lr=1e-3, n_train=args.ft_n_train))
+    anchors, splits = _anchors(args)
+    with _progress() as progress:
+        cat = build_catalog(anchors, splits, Catalog(args.home / "catalog"), cfg, progress)
+    console.print(f"catalog written to {cat.root / 'catalog.json'}")
+    return cat
+
+
+def _show(cat: Catalog) -> None:
+    console.print(catalog_table(cat))
+    console.print(f"Pareto plot: {plot_pareto(cat, cat.root / 'pareto.png')}")
+
+
+def catalog_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="restnet catalog")
+    sub = p.add_subparsers(dest="action", required=True)
+    b = sub.add_parser("build", help="rank, build, fine-tune and measure hybrids")
+    _common(b)
+    b.add_argument("--finetune", choices=FINETUNE_MODES, default="frontier",
+                   help="which stitches to fine-tune; the others stay LS-initialised, marked so")
+    b.add_argument("--top-k", type=int, default=3, help="hybrids kept per ordered anchor pair")
+    b.add_argument("--screen", type=int, default=6, help="candidates kept by CKA per pair")
+    b.add_argument("--directions", choices=("restnet", "both"), default="both")
+    b.add_argument("--ft-epochs", type=int, default=2)
+    b.add_argument("--ft-n-train", type=int, default=10000)
+    s = sub.add_parser("show", help="print the catalog and write its Pareto plot")
+    s.add_argument("--home", type=Path, default=DEFAULT_HOME)
+    s.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    try:
+        cat = _build(args) if args.action == "build" else Catalog.load(args.home / "catalog")
+    except FileNotFoundError as exc:
+        raise SystemExit(f"restnet: {exc}") from exc
+    _show(cat)
+    return 0
+
+
+def cka_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="restnet cka", description="CKA heat map of two anchors")
+    p.add_argument("front")
+    p.add_argument("back")
+    p.add_argument("--out", type=Path, help="PNG to write (default cka-FRONT-BACK.png)")
+    _common(p)
+    args = p.parse_args(argv)
+    anchors, splits = _anchors(args)
+    by_name = {a.spec.name: a for a in anchors}
+    missing = [n for n in (args.front, args.back) if n not in by_name]
+    if missing:
+        raise SystemExit(f"restnet: no anchor {missing} in {args.zoo}; have {sorted(by_name)}")
+    a, b = by_name[args.front], by_name[args.back]
+    m = cka_matrix(a.segments, b.segments, splits.calib.x)
+    out = args.out or Path(f"cka-{args.front}-{args.back}.png")
+    plot_cka(m.tolist(), [s.name for s in a.segments[:-1]], [s.name for s in b.segments[:-1]],
+             f"CKA {args.front} (rows) vs {args.back} (columns)", out)
+    console.print(f"CKA heat map: {out}")
+    return 0
+
+
+def demo_main(argv: list[str]) -> int:
+    """Until the fleet loop lands: build the default zoo and catalog (reused when cached)."""
+    p = argparse.ArgumentParser(prog="restnet demo")
+    _common(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    path = args.home / "catalog"
+    if not (path / "catalog.json").is_file():
+        return catalog_main(["build", "--zoo", str(args.zoo), "--home", str(args.home)])
+    console.print(f"reusing the catalog in {path} (delete it to rebuild)")
+    _show(Catalog.load(path))
+    return 0

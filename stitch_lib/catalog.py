@@ -1,0 +1,128 @@
+"""The catalog: every anchor and hybrid with its measured accuracy and costs, a JSON index
+beside content-addressed safetensors artifacts (the stitch tensors), and the Pareto frontier."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+INDEX = "catalog.json"
+
+
+@dataclass
+class Entry:
+    """One model of the catalog: an anchor, or a hybrid front[:i+1] → stitch → back[j+1:]."""
+
+    id: str
+    name: str
+    kind: str  # "anchor" | "hybrid"
+    test_acc: float
+    params: int
+    flops: int
+    act_peak_bytes: int
+    latency_ms: float
+    model_bytes: int  # all weights the model runs, fp16
+    segments: list[str]  # segment IDs, in execution order
+    front: str | None = None
+    back: str | None = None
+    i: int | None = None
+    j: int | None = None
+    joint: str | None = None  # "CNN→CNN", "CNN→ViT", "ViT→CNN", "ViT→ViT"
+    direction: str | None = None  # "large→small" (ReStNet) or "small→large"
+    cka: float | None = None
+    ls_val_acc: float | None = None
+    ls_test_acc: float | None = None
+    val_acc: float | None = None
+    stitch_state: str | None = None  # "ls" (least-squares init only) | "finetuned"
+    artifact: str | None = None  # sha256 of the stitch's safetensors file
+    delta_bytes: int | None = None  # stitch tensors as fp16 safetensors, zlib-compressed
+    ports: dict[str, Any] | None = None  # the stitch's src/dst ports
+
+    @property
+    def delta_ratio(self) -> float | None:
+        return None if self.delta_bytes is None else self.delta_bytes / self.model_bytes
+
+
+def pareto(entries: list[Entry], cost: str = "latency_ms") -> list[Entry]:
+    """Entries no other entry beats on both accuracy and `cost` (cheapest first)."""
+    front = [e for e in entries
+             if not any(getattr(o, cost) <= getattr(e, cost) and o.test_acc >= e.test_acc
+                        and (getattr(o, cost) < getattr(e, cost) or o.test_acc > e.test_acc)
+                        for o in entries)]
+    return sorted(front, key=lambda e: getattr(e, cost))
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Catalog:
+    """Entries plus free-form measurements (`meta`), stored under `root`."""
+
+    root: Path
+    entries: list[Entry] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def anchors(self) -> list[Entry]:
+        return [e for e in self.entries if e.kind == "anchor"]
+
+    @property
+    def hybrids(self) -> list[Entry]:
+        return [e for e in self.entries if e.kind == "hybrid"]
+
+    def get(self, name_or_id: str) -> Entry:
+        for e in self.entries:
+            if name_or_id in (e.id, e.name):
+                return e
+        raise KeyError(f"no catalog entry named {name_or_id!r}")
+
+    def frontier(self, cost: str = "latency_ms") -> list[Entry]:
+        return pareto(self.entries, cost)
+
+    def put_artifact(self, tensors: dict[str, torch.Tensor]) -> str:
+        """Store tensors as safetensors under their own sha256; returns the hash."""
+        blob = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+        sha = hashlib.sha256(blob).hexdigest()
+        path = self.root / "artifacts" / f"{sha}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            _atomic_bytes(path, blob)
+        return sha
+
+    def load_artifact(self, sha: str) -> dict[str, torch.Tensor]:
+        """The tensors stored under `sha`; refused when the file's hash does not match."""
+        path = self.root / "artifacts" / f"{sha}.safetensors"
+        blob = path.read_bytes()
+        actual = hashlib.sha256(blob).hexdigest()
+        if actual != sha:
+            raise ValueError(f"artifact {path} is corrupt or tampered: its sha256 is {actual}, "
+                             f"the catalog expects {sha}; rebuild the catalog")
+        return st_load(blob)
+
+    def save(self) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        doc = {"version": 1, "meta": self.meta, "entries": [asdict(e) for e in self.entries]}
+        path = self.root / INDEX
+        _atomic_bytes(path, json.dumps(doc, indent=1).encode())
+        return path
+
+    @classmethod
+    def load(cls, root: Path) -> "Catalog":
+        path = Path(root) / INDEX
+        if not path.is_file():
+            raise FileNotFoundError(f"no catalog at {path}; build one with `restnet catalog build`")
+        doc = json.loads(path.read_text())
+        return cls(Path(root), [Entry(**e) for e in doc["entries"]], doc.get("meta", {}))

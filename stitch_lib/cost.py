@@ -1,0 +1,109 @@
+"""What a model costs to run and to ship: params, FLOPs, activation memory, latency, bytes.
+
+Figures are measured on this machine at batch 1 on the CPU. FLOPs come from
+`torch.utils.flop_counter` with timm's fused attention switched off while counting (the
+counter does not see fused attention on the CPU); like the counter, they leave out norms,
+activations and pooling. Peak activation memory is the largest input + output of any leaf
+module, fp32: a lower bound on what the model needs besides its weights.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+import zlib
+from collections.abc import Mapping
+from contextlib import contextmanager
+
+import torch
+from safetensors.torch import save as st_save
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def param_count(model: nn.Module) -> int:
+    """Number of distinct parameters (shared tensors counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+@contextmanager
+def _unfused_attention(model: nn.Module):
+    mods = [m for m in model.modules() if getattr(m, "fused_attn", None) is True]
+    for m in mods:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.fused_attn = True
+
+
+@torch.no_grad()
+def flops(model: nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one forward pass on `x` (2 per multiply-add)."""
+    with _unfused_attention(model), FlopCounterMode(display=False) as counter:
+        model(x)
+    return int(counter.get_total_flops())
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (tuple, list)):
+        return sum(_nbytes(o) for o in obj)
+    return 0
+
+
+@torch.no_grad()
+def peak_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Largest (input + output) bytes of any leaf module for one forward pass on `x`."""
+    peak = 0
+
+    def hook(_m, inputs, output):
+        nonlocal peak
+        peak = max(peak, _nbytes(inputs) + _nbytes(output))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if not list(m.children())]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return peak
+
+
+@torch.no_grad()
+def latencies_ms(models: Mapping[str, nn.Module], x: torch.Tensor, rounds: int = 30,
+                 warmup: int = 3, threads: int = 1) -> dict[str, float]:
+    """Median batch-1 latency of each model in ms, measured interleaved round by round so
+    that machine noise falls on all models alike; runs on `threads` CPU threads."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    try:
+        for r in range(warmup + rounds):
+            for name, model in models.items():
+                t0 = time.perf_counter()
+                model(x)
+                if r >= warmup:
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+    finally:
+        torch.set_num_threads(prev)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def fp16_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """Tensors as an fp16 safetensors blob (the shipping form of weights)."""
+    return st_save({k: v.detach().to(torch.float16).contiguous() for k, v in tensors.items()})
+
+
+def compressed_size(blob: bytes) -> int:
+    """Size of `blob` after zlib level 9, the way deltas are shipped."""
+    return len(zlib.compress(blob, 9))
+
+
+def model_fp16_bytes(model: nn.Module) -> int:
+    """Bytes of all of a model's parameters and buffers in fp16 (uncompressed)."""
+    seen = {id(t): t for t in (*model.parameters(), *model.buffers())
+            if t.is_floating_point()}
+    return sum(t.numel() * 2 for t in seen.values())

@@ -1,0 +1,205 @@
+"""Training loops: anchors from scratch, stitch-only fine-tuning, full fine-tuning, evaluation.
+
+Stitch-only fine-tuning trains the stitch's parameters and nothing else; the anchors are
+frozen AND in eval mode, so their weights and BatchNorm statistics stay bit-identical. Since the
+frozen front is deterministic, its outputs on the training data are computed once and reused
+across epochs (and across every stitch with the same cut, through `FrontCache`).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from rich.progress import Progress
+from torch import nn
+
+from .data import DataSplits, Split
+from .stitch import Hybrid
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings shared by every loop here."""
+
+    epochs: int = 3
+    lr: float = 2e-3
+    batch_size: int = 128
+    weight_decay: float = 0.05
+    n_train: int | None = None  # train on a seeded subset of this size
+    patience: int = 1  # epochs without validation gain before stopping (fine-tuning)
+    distill: float = 0.0  # weight of distillation from a teacher, 0 = off
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("TrainConfig needs epochs >= 1, batch_size >= 1 and lr > 0")
+        if not 0 <= self.distill <= 1:
+            raise ValueError(f"distill is a loss weight in [0, 1], got {self.distill}")
+
+
+@dataclass
+class TrainResult:
+    val_acc: float
+    epochs_run: int
+    seconds: float
+    history: list[float] = field(default_factory=list)  # validation accuracy per epoch run
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, batch_size: int = 512) -> float:
+    """Top-1 accuracy of `model` on `split`; leaves the model in eval mode."""
+    model.eval()
+    correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in split.batches(batch_size))
+    return correct / len(split)
+
+
+def _subset(split: Split, n: int | None, seed: int) -> Split:
+    if n is None or n >= len(split):
+        return split
+    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n]
+    return Split(split.x[idx], split.y[idx])
+
+
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random shift by up to 2 pixels (one per batch) and per-image horizontal flips."""
+    dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=g))
+    x = torch.roll(F.pad(x, (2, 2, 2, 2)), shifts=(dy, dx), dims=(2, 3))[..., 2:-2, 2:-2]
+    flip = torch.rand(len(x), generator=g) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def _cosine(opt: torch.optim.Optimizer, total: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def train_anchor(model: nn.Module, splits: DataSplits, cfg: TrainConfig,
+                 progress: Progress | None = None, label: str = "anchor") -> TrainResult:
+    """Train a whole model from scratch (cross-entropy, AdamW, cosine schedule)."""
+    torch.manual_seed(cfg.seed)
+    train = _subset(splits.train, cfg.n_train, cfg.seed)
+    steps = cfg.epochs * math.ceil(len(train) / cfg.batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = _cosine(opt, steps, warmup=max(1, steps // 20))
+    g = torch.Generator().manual_seed(cfg.seed)
+    task = progress.add_task(f"train {label}", total=steps) if progress else None
+    t0, history = time.perf_counter(), []
+    for epoch in range(cfg.epochs):
+        model.train()
+        for x, y in train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed + epoch):
+            loss = F.cross_entropy(model(_augment(x, g)), y, label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if progress:
+                progress.advance(task)
+        history.append(evaluate(model, splits.val))
+        log.info("%s epoch %d: val acc %.4f", label, epoch + 1, history[-1])
+    model.eval()
+    return TrainResult(history[-1], cfg.epochs, time.perf_counter() - t0, history)
+
+
+class FrontCache:
+    """Outputs of frozen fronts on a split, keyed by (front name, cut, split name)."""
+
+    def __init__(self) -> None:
+        self._store: dict[tuple, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def get(self, hybrid: Hybrid, split: Split, split_key: tuple, batch_size: int = 512) -> torch.Tensor:
+        key = (hybrid.front_name, hybrid.i, *split_key)
+        if key not in self._store:
+            hybrid.front.eval()
+            self._store[key] = torch.cat([hybrid.front(x) for x, _ in split.batches(batch_size)])
+        return self._store[key]
+
+
+def _fit(hybrid: Hybrid, splits: DataSplits, cfg: TrainConfig, scope: str,
+         cache: FrontCache | None, teacher: nn.Module | None,
+         progress: Progress | None) -> TrainResult:
+    torch.manual_seed(cfg.seed)
+    train = _subset(splits.train, cfg.n_train, cfg.seed)
+    stitch_only = scope == "stitch"
+    if stitch_only:
+        hybrid.freeze_anchors()
+        cache = cache or FrontCache()
+        head = nn.Sequential(hybrid.stitch, hybrid.back).eval()  # runs on cached front outputs
+        train_in = cache.get(hybrid, train, ("train", cfg.n_train, cfg.seed))
+        val_in = cache.get(hybrid, splits.val, ("val",))
+        params = list(hybrid.stitch.parameters())
+    else:
+        head, train_in, val_in = hybrid, train.x, splits.val.x
+        hybrid.freeze_anchors(False)
+        params = list(hybrid.parameters())
+    t_logits = None
+    if teacher is not None and cfg.distill > 0:
+        teacher.eval()
+        with torch.no_grad():
+            t_logits = torch.cat([teacher(x) for x, _ in train.batches(512)])
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0 if stitch_only else cfg.weight_decay)
+    steps = cfg.epochs * math.ceil(len(train) / cfg.batch_size)
+    sched = _cosine(opt, steps, warmup=max(1, steps // 50))
+    task = progress.add_task(f"fine-tune {scope}: {hybrid.name}", total=steps) if progress else None
+    val = Split(val_in, splits.val.y)
+    t0 = time.perf_counter()
+    trained = hybrid.stitch if stitch_only else hybrid
+    best, best_state, history, stale = evaluate(head, val), copy.deepcopy(trained.state_dict()), [], 0
+    for epoch in range(cfg.epochs):
+        head.train(not stitch_only)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        for k in range(0, len(order), cfg.batch_size):
+            idx = order[k: k + cfg.batch_size]
+            logits = head(train_in[idx])
+            loss = F.cross_entropy(logits, train.y[idx])
+            if t_logits is not None:
+                kd = F.kl_div(F.log_softmax(logits, 1), F.softmax(t_logits[idx], 1),
+                              reduction="batchmean")
+                loss = (1 - cfg.distill) * loss + cfg.distill * kd
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if progress:
+                progress.advance(task)
+        history.append(evaluate(head, val))
+        if history[-1] > best:
+            best, stale = history[-1], 0
+            best_state = copy.deepcopy(trained.state_dict())
+        else:
+            stale += 1
+            if stale > cfg.patience:
+                break
+    trained.load_state_dict(best_state)
+    hybrid.eval()
+    if progress:
+        progress.update(task, completed=steps)
+    return TrainResult(best, len(history), time.perf_counter() - t0, history)
+
+
+def finetune_stitch(hybrid: Hybrid, splits: DataSplits, cfg: TrainConfig = TrainConfig(lr=1e-3),
+                    *, cache: FrontCache | None = None, teacher: nn.Module | None = None,
+                    progress: Progress | None = None) -> TrainResult:
+    """Train only the stitch of `hybrid`, keeping the state with the best validation
+    accuracy — the starting one included — with early stopping after `cfg.patience` epochs
+    without gain. The anchors stay
+    frozen and in eval mode; `teacher` (e.g. the front anchor) adds distillation when
+    `cfg.distill > 0`."""
+    return _fit(hybrid, splits, cfg, "stitch", cache, teacher, progress)
+
+
+def finetune_full(hybrid: Hybrid, splits: DataSplits, cfg: TrainConfig = TrainConfig(lr=3e-4),
+                  *, progress: Progress | None = None) -> TrainResult:
+    """Fine-tune every parameter of `hybrid` (changes the anchors' shared segments: pass a
+    deep copy). The baseline that stitch-only fine-tuning is measured against."""
+    return _fit(hybrid, splits, cfg, "all", None, None, progress)

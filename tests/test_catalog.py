@@ -1,0 +1,99 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import TINY_VIT
+from stitch_lib import Catalog, Entry, pareto
+from stitch_lib.build import BuildConfig, load_hybrid
+from stitch_lib.train import TrainConfig, evaluate
+from stitch_lib.zoo import AnchorSpec, ZooSpec, build_zoo, load_anchor
+
+QUICK = {"epochs": 1, "batch_size": 64, "lr": 3e-3}
+TINY_ZOO = {
+    "anchors": [
+        {"name": "resnet", "model": "test_resnet", "train": QUICK},
+        {"name": "vit", "model": "vit_tiny_patch16_224", "kwargs": TINY_VIT, "train": QUICK},
+        {"name": "mnv3", "model": "mobilenetv3_small_050", "train": QUICK},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def built(splits, tmp_path_factory):
+    from stitch_lib.build import build_catalog
+    root = tmp_path_factory.mktemp("cat")
+    anchors = build_zoo(ZooSpec.from_dict(TINY_ZOO), splits, root / "anchors")
+    cfg = BuildConfig(top_k=2, screen=3, finetune="frontier", latency_rounds=3,
+                      ft=TrainConfig(epochs=1, lr=1e-3, n_train=300))
+    return anchors, build_catalog(anchors, splits, Catalog(root / "catalog"), cfg)
+
+
+def test_catalog_holds_measured_anchors_and_hybrids(built):
+    anchors, cat = built
+    assert len(cat.anchors) == 3 and 6 <= len(cat.hybrids) <= 12  # 6 ordered pairs, top 2
+    joints = {e.joint for e in cat.hybrids}
+    assert {"CNN→CNN", "CNN→ViT", "ViT→CNN"} <= joints
+    for e in cat.hybrids:
+        assert e.stitch_state in ("ls", "finetuned") and e.artifact and e.delta_bytes > 0
+        assert e.flops > 0 and e.latency_ms > 0 and e.act_peak_bytes > 0 and e.params > 0
+        assert 0 <= e.test_acc <= 1 and e.cka is not None and e.ls_val_acc is not None
+        assert e.segments and e.direction in ("large→small", "small→large")
+    assert any(e.stitch_state == "finetuned" for e in cat.hybrids)
+    reloaded = Catalog.load(cat.root)
+    assert [e.name for e in reloaded.entries] == [e.name for e in cat.entries]
+    assert json.loads((cat.root / "catalog.json").read_text())["meta"]["candidates"]
+
+
+def test_hybrid_reloads_from_its_artifact(built, splits):
+    anchors, cat = built
+    e = cat.hybrids[0]
+    h = load_hybrid(e, {a.spec.name: a for a in anchors}, cat)
+    assert evaluate(h, splits.test) == pytest.approx(e.test_acc)
+
+
+def test_tampered_artifact_is_refused(built):
+    _, cat = built
+    sha = cat.hybrids[0].artifact
+    path = cat.root / "artifacts" / f"{sha}.safetensors"
+    blob = bytearray(path.read_bytes())
+    blob[-1] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="corrupt or tampered"):
+        cat.load_artifact(sha)
+
+
+def entry(name, acc, lat):
+    return Entry(id=name, name=name, kind="hybrid", test_acc=acc, params=1, flops=1,
+                 act_peak_bytes=1, latency_ms=lat, model_bytes=1, segments=[])
+
+
+def test_pareto_frontier():
+    es = [entry("a", 0.9, 10), entry("b", 0.8, 5), entry("c", 0.7, 6), entry("d", 0.95, 12),
+          entry("e", 0.8, 5.5)]
+    assert [e.name for e in pareto(es)] == ["b", "a", "d"]
+
+
+def test_anchor_cache_and_checkpoint(splits, tmp_path):
+    spec = AnchorSpec(name="r", model="test_resnet", train=TrainConfig(**QUICK))
+    a = load_anchor(spec, splits, tmp_path)
+    b = load_anchor(spec, splits, tmp_path)  # from the cache: no second training
+    assert a.train_seconds == b.train_seconds
+    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(),
+                                                 b.model.state_dict().values()))
+    ckpt = tmp_path / "r.safetensors"
+    save_file({k: v.contiguous() for k, v in a.model.state_dict().items()}, str(ckpt))
+    c = load_anchor(AnchorSpec(name="r2", model="test_resnet", checkpoint=str(ckpt)), splits,
+                    tmp_path)
+    assert evaluate(c.model, splits.val) == pytest.approx(a.val_acc)
+
+
+def test_zoo_spec_errors_name_the_key():
+    with pytest.raises(ValueError, match=r"anchors\[0\].*unknown key.*'epochz'"):
+        ZooSpec.from_dict({"anchors": [{"name": "a", "model": "test_resnet", "epochz": 1}]})
+    with pytest.raises(ValueError, match=r"anchors\[0\]\.train.*'lrr'"):
+        ZooSpec.from_dict({"anchors": [{"name": "a", "model": "test_resnet",
+                                        "train": {"lrr": 1}}]})
+    with pytest.raises(ValueError, match="not a timm model"):
+        ZooSpec.from_dict({"anchors": [{"name": "a", "model": "resnet9000"}]})
