@@ -39,20 +39,21 @@ def _anchors(args: argparse.Namespace):
         spec = ZooSpec.from_dict(yaml.safe_load(args.zoo.read_text()))
     except (OSError, yaml.YAMLError, ValueError) as exc:
         raise SystemExit(f"restnet: bad zoo file {args.zoo}: {exc}") from exc
-    splits = make_splits(spec.dataset, image_size=spec.image_size, n_calib=spec.n_calib,
-                         n_val=spec.n_val, n_test=spec.n_test, seed=spec.seed)
+    data = dict(source=spec.dataset, image_size=spec.image_size, n_calib=spec.n_calib,
+                n_val=spec.n_val, n_test=spec.n_test, seed=spec.seed)
+    splits = make_splits(**data)
     with _progress() as progress:
         anchors = build_zoo(spec, splits, args.home / "anchors", progress)
-    return anchors, splits
+    return anchors, splits, data
 
 
 def _build(args: argparse.Namespace) -> Catalog:
     cfg = BuildConfig(top_k=args.top_k, screen=args.screen, finetune=args.finetune,
                       directions=args.directions,
                       ft=TrainConfig(epochs=args.ft_epochs, lr=1e-3, n_train=args.ft_n_train))
-    anchors, splits = _anchors(args)
+    anchors, splits, data = _anchors(args)
     with _progress() as progress:
-        cat = build_catalog(anchors, splits, Catalog(args.home / "catalog"), cfg, progress)
+        cat = build_catalog(anchors, splits, Catalog(args.home / "catalog"), cfg, progress, data)
     console.print(f"catalog written to {cat.root / 'catalog.json'}")
     return cat
 
@@ -94,7 +95,7 @@ def cka_main(argv: list[str]) -> int:
     p.add_argument("--out", type=Path, help="PNG to write (default cka-FRONT-BACK.png)")
     _common(p)
     args = p.parse_args(argv)
-    anchors, splits = _anchors(args)
+    anchors, splits, _ = _anchors(args)
     by_name = {a.spec.name: a for a in anchors}
     missing = [n for n in (args.front, args.back) if n not in by_name]
     if missing:

@@ -23,10 +23,10 @@ from .cka import cka_matrix
 from .cost import (compressed_size, flops, fp16_bytes, latencies_ms, model_fp16_bytes,
                    param_count, peak_activation_bytes)
 from .data import DataSplits
-from .segments import Port, Segment, is_transformer
+from .segments import Port, Segment, is_transformer, split_model
 from .stitch import Hybrid, Stitch, build_hybrid, feasible_points
 from .train import FrontCache, TrainConfig, evaluate, finetune_stitch
-from .zoo import Anchor
+from .zoo import Anchor, from_recipe
 
 log = logging.getLogger(__name__)
 FINETUNE_MODES = ("all", "frontier", "none")
@@ -71,12 +71,29 @@ def _stitch_tensors(h: Hybrid) -> dict[str, torch.Tensor]:
     return {k: v for k, v in h.stitch.state_dict().items()}
 
 
-def load_hybrid(entry: Entry, anchors: dict[str, Anchor], catalog: Catalog) -> Hybrid:
-    """Rebuild a catalog hybrid from its anchors and its (hash-checked) stitch artifact."""
+def load_anchor_model(entry: Entry, catalog: Catalog) -> torch.nn.Module:
+    """An anchor rebuilt from the catalog alone: its recipe plus its hash-checked weights."""
+    model = from_recipe(entry.recipe)
+    model.load_state_dict(catalog.load_artifact(entry.artifact))
+    return model.eval()
+
+
+def segment_payloads(entry: Entry, catalog: Catalog) -> list[tuple[str, dict, dict]]:
+    """An anchor's segments as (segment ID, numpy tensors, metadata) — what a device needs to
+    rebuild each one: the recipe, the segment's index, and its weights."""
+    segments = split_model(load_anchor_model(entry, catalog))
+    return [(s.segment_id(), {k: v.detach().cpu().numpy() for k, v in s.body.state_dict().items()},
+             {"recipe": entry.recipe, "index": k, "name": s.name, "anchor": entry.name})
+            for k, s in enumerate(segments)]
+
+
+def load_hybrid(entry: Entry, segments: dict[str, list[Segment]], catalog: Catalog) -> Hybrid:
+    """Rebuild a catalog hybrid from its anchors' segments (by anchor name) and its
+    (hash-checked) stitch artifact."""
     stitch = Stitch(Port(**entry.ports["src"]), Port(**entry.ports["dst"]))
     stitch.load_state_dict(catalog.load_artifact(entry.artifact))
-    front, back = anchors[entry.front], anchors[entry.back]
-    h = Hybrid(front.segments, entry.i, stitch, back.segments, entry.j, entry.front, entry.back)
+    h = Hybrid(segments[entry.front], entry.i, stitch, segments[entry.back], entry.j,
+               entry.front, entry.back)
     h.freeze_anchors()
     return h.eval()
 
@@ -88,8 +105,10 @@ def _cost(model: torch.nn.Module, x1: torch.Tensor) -> dict:
 
 
 def build_catalog(anchors: list[Anchor], splits: DataSplits, catalog: Catalog,
-                  cfg: BuildConfig = BuildConfig(), progress: Progress | None = None) -> Catalog:
-    """Rank, build, fine-tune and measure hybrids of `anchors` into `catalog` (saved)."""
+                  cfg: BuildConfig = BuildConfig(), progress: Progress | None = None,
+                  data: dict | None = None) -> Catalog:
+    """Rank, build, fine-tune and measure hybrids of `anchors` into `catalog` (saved).
+    `data` (the `make_splits` arguments) is kept so stitches can be fine-tuned later."""
     torch.manual_seed(cfg.ft.seed)
     calib, x1 = splits.calib.x, splits.calib.x[:1]
     costs = {a.spec.name: _cost(a.model, x1) for a in anchors}
@@ -124,7 +143,8 @@ def build_catalog(anchors: list[Anchor], splits: DataSplits, catalog: Catalog,
     entries = [Entry(id=a.spec.name, name=a.spec.name, kind="anchor",
                      test_acc=evaluate(a.model, splits.test), val_acc=a.val_acc,
                      latency_ms=lat[a.spec.name], joint=_kind(a.segments),
-                     segments=[s.segment_id() for s in a.segments], **costs[a.spec.name])
+                     segments=[s.segment_id() for s in a.segments], recipe=a.recipe,
+                     artifact=catalog.put_artifact(a.model.state_dict()), **costs[a.spec.name])
                 for a in anchors]
     for h, info in hybrids:
         entries.append(Entry(
@@ -154,7 +174,8 @@ def build_catalog(anchors: list[Anchor], splits: DataSplits, catalog: Catalog,
         e.id = f"h-{e.artifact[:12]}"
     catalog.entries = entries
     catalog.meta = {
-        "data": splits.fingerprint, "build": {"top_k": cfg.top_k, "screen": cfg.screen,
+        "data": splits.fingerprint, "dataset": data,
+        "build": {"top_k": cfg.top_k, "screen": cfg.screen,
                                               "finetune": cfg.finetune},
         "candidates": candidates, "cka": cka_maps,
         "spearman_cka_vs_ls_acc": spearman([c["cka"] for c in candidates],

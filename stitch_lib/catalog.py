@@ -42,9 +42,10 @@ class Entry:
     ls_test_acc: float | None = None
     val_acc: float | None = None
     stitch_state: str | None = None  # "ls" (least-squares init only) | "finetuned"
-    artifact: str | None = None  # sha256 of the stitch's safetensors file
+    artifact: str | None = None  # sha256 of the safetensors file: stitch, or anchor weights
     delta_bytes: int | None = None  # stitch tensors as fp16 safetensors, zlib-compressed
     ports: dict[str, Any] | None = None  # the stitch's src/dst ports
+    recipe: dict[str, Any] | None = None  # anchors: how to create the timm model skeleton
 
     @property
     def delta_ratio(self) -> float | None:

@@ -87,19 +87,33 @@ class Anchor:
     segments: list[Segment]
     val_acc: float
     train_seconds: float
+    recipe: dict[str, Any]  # how to create the model skeleton: see `recipe`
+
+
+def recipe(spec: AnchorSpec, splits: DataSplits) -> dict[str, Any]:
+    """Everything `timm.create_model` needs to rebuild the anchor's architecture."""
+    return {"model": spec.model, "kwargs": dict(spec.kwargs),
+            "num_classes": splits.num_classes, "in_chans": splits.in_chans}
+
+
+def from_recipe(r: dict[str, Any]) -> nn.Module:
+    """An anchor's architecture with untrained weights, in eval mode (load weights next)."""
+    return timm.create_model(r["model"], num_classes=r["num_classes"], in_chans=r["in_chans"],
+                             **r["kwargs"]).eval()
 
 
 def create(spec: AnchorSpec, splits: DataSplits) -> nn.Module:
     """Instantiate the anchor's timm model for the dataset (weights from the checkpoint if
     one is given; nothing is ever downloaded)."""
-    kwargs = dict(num_classes=splits.num_classes, in_chans=splits.in_chans, **spec.kwargs)
     if spec.checkpoint:
         path = Path(spec.checkpoint)
         if not path.is_file():
             raise FileNotFoundError(f"anchor {spec.name!r}: checkpoint {path} does not exist")
-        return timm.create_model(spec.model, pretrained=True, pretrained_cfg_overlay=dict(
-            file=str(path), num_classes=splits.num_classes), **kwargs).eval()
-    return timm.create_model(spec.model, **kwargs)
+        return timm.create_model(
+            spec.model, pretrained=True, num_classes=splits.num_classes,
+            in_chans=splits.in_chans, **spec.kwargs,
+            pretrained_cfg_overlay=dict(file=str(path), num_classes=splits.num_classes)).eval()
+    return from_recipe(recipe(spec, splits)).train()
 
 
 def cache_key(spec: AnchorSpec, splits: DataSplits) -> str:
@@ -125,7 +139,8 @@ def load_anchor(spec: AnchorSpec, splits: DataSplits, cache_dir: Path,
     """The anchor from its checkpoint, from the cache, or trained now and cached."""
     model = create(spec, splits)
     if spec.checkpoint:
-        return Anchor(spec, model.eval(), split_model(model), evaluate(model, splits.val), 0.0)
+        return Anchor(spec, model.eval(), split_model(model), evaluate(model, splits.val), 0.0,
+                      recipe(spec, splits))
     cache_dir.mkdir(parents=True, exist_ok=True)
     stem = cache_dir / f"{spec.name}-{cache_key(spec, splits)}"
     weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
@@ -141,7 +156,8 @@ def load_anchor(spec: AnchorSpec, splits: DataSplits, cache_dir: Path,
                 "history": result.history}
         _atomic_write(meta, lambda p: Path(p).write_text(json.dumps(info, indent=1)))
     model.eval()
-    return Anchor(spec, model, split_model(model), info["val_acc"], info["train_seconds"])
+    return Anchor(spec, model, split_model(model), info["val_acc"], info["train_seconds"],
+                  recipe(spec, splits))
 
 
 def build_zoo(zoo: ZooSpec, splits: DataSplits, cache_dir: Path,

@@ -24,3 +24,38 @@ def tiny(name: str, **kwargs) -> torch.nn.Module:
         return timm.create_model("vit_tiny_patch16_224", num_classes=10, in_chans=1,
                                  **(TINY_VIT | kwargs)).eval()
     return timm.create_model(name, num_classes=10, in_chans=1, **kwargs).eval()
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A private Mosquitto on a free loopback port, stopped after the test."""
+    from simulators.broker import start_broker
+
+    with start_broker(tmp_path / "broker") as running:
+        yield running
+
+
+TINY_ZOO = {  # the tiny zoo of the fleet tests
+    "anchors": [
+        {"name": "res", "model": "test_resnet", "train": {"epochs": 1, "batch_size": 64, "lr": 3e-3}},
+        {"name": "vit", "model": "vit_tiny_patch16_224", "kwargs": TINY_VIT,
+         "train": {"epochs": 1, "batch_size": 64, "lr": 3e-3}},
+        {"name": "mnv3", "model": "mobilenetv3_small_050",
+         "train": {"epochs": 1, "batch_size": 64, "lr": 3e-3}},
+    ],
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_catalog(splits, tmp_path_factory):
+    """A real catalog of three tiny trained anchors and their LS-initialised hybrids."""
+    from stitch_lib.build import BuildConfig, build_catalog
+    from stitch_lib.catalog import Catalog
+    from stitch_lib.zoo import ZooSpec, build_zoo
+
+    root = tmp_path_factory.mktemp("tiny-catalog")
+    anchors = build_zoo(ZooSpec.from_dict(TINY_ZOO), splits, root / "anchors")
+    cfg = BuildConfig(top_k=2, screen=3, finetune="none", latency_rounds=3)
+    data = dict(source="fashion-mnist", image_size=32, n_train=1000, n_calib=160, n_val=200,
+                n_test=200, seed=0)
+    return build_catalog(anchors, splits, Catalog(root / "catalog"), cfg, data=data)

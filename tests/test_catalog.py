@@ -6,7 +6,8 @@ from safetensors.torch import save_file
 
 from conftest import TINY_VIT
 from stitch_lib import Catalog, Entry, pareto
-from stitch_lib.build import BuildConfig, load_hybrid
+from stitch_lib import split_model
+from stitch_lib.build import BuildConfig, load_anchor_model, load_hybrid
 from stitch_lib.train import TrainConfig, evaluate
 from stitch_lib.zoo import AnchorSpec, ZooSpec, build_zoo, load_anchor
 
@@ -49,8 +50,10 @@ def test_catalog_holds_measured_anchors_and_hybrids(built):
 def test_hybrid_reloads_from_its_artifact(built, splits):
     anchors, cat = built
     e = cat.hybrids[0]
-    h = load_hybrid(e, {a.spec.name: a for a in anchors}, cat)
+    rebuilt = {a.name: split_model(load_anchor_model(a, cat)) for a in cat.anchors}
+    h = load_hybrid(e, rebuilt, cat)  # from the catalog alone: recipes and artifacts
     assert evaluate(h, splits.test) == pytest.approx(e.test_acc)
+    assert h.segment_ids() == e.segments
 
 
 def test_tampered_artifact_is_refused(built):

@@ -1,0 +1,310 @@
+"""The device agent: telemetry out, desired state in, hybrids assembled from cached segments,
+verified, hot-swapped, health-checked and rolled back by the device itself.
+
+The agent never owns an event loop: a `ClientHost` drives its MQTT client and timers, so a
+real board runs one agent on one host and a simulator runs a thousand agents on one host in one
+thread. Every callback catches its errors: a bad message is logged, counted and dropped.
+
+A deployment goes RECEIVED → (FETCHING n/N) → VERIFIED → SWAPPED → HEALTHY, or ends FAILED
+(the old model never stopped serving) or FAILED + ROLLED_BACK (the new one was unhealthy).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import torch
+
+from fleet_protocol import codec
+from fleet_protocol.messages import (Ack, ArtifactChunk, ArtifactRequest, Desired, ProtocolError,
+                                     Rebirth, State, Telemetry, decode, encode)
+from fleet_protocol.mqtt import ClientHost, make_client
+from fleet_protocol.topics import Topics
+
+from .cache import SegmentCache, SegmentRegistry, atomic_write
+from .resources import Resources
+from .runtime import LatencyWindow, Loaded, ModelSlot, assemble, build_stitch, health_verdict, verify
+
+log = logging.getLogger(__name__)
+REFETCH_AFTER_S = 10.0  # re-request missing chunks after this long without progress
+
+
+@dataclass
+class AgentConfig:
+    device_id: str
+    cache_dir: Path
+    topics: Topics = field(default_factory=Topics)
+    telemetry_period: float = 5.0
+    health_samples: int = 8  # latency samples taken by the health check
+    probe: tuple[torch.Tensor, torch.Tensor] | None = None  # labelled probe images (x, y)
+    num_classes: int | None = None
+    input_shape: tuple[int, int, int] = (1, 32, 32)  # for verification without probe images
+    chunk_size: int = 64 * 1024  # segment download chunks
+    username: str | None = None
+    password: str | None = None
+
+
+@dataclass
+class _Fetch:
+    total: int | None = None
+    held: set[int] = field(default_factory=set)
+    last_progress: float = 0.0
+
+
+class Agent:
+    """One device. `start()` registers it with a ClientHost; everything else is callbacks."""
+
+    def __init__(self, cfg: AgentConfig, resources: Resources, host: ClientHost,
+                 registry: SegmentRegistry | None = None, clock=time.time) -> None:
+        self.cfg, self.resources, self.host, self.clock = cfg, resources, host, clock
+        self.t = cfg.topics
+        self.cache = SegmentCache(cfg.cache_dir)
+        self.registry = registry or SegmentRegistry()
+        self.slot = ModelSlot()
+        self.latency = LatencyWindow()
+        self.stats: Counter[str] = Counter()
+        self.session = time.time_ns()
+        self.seq = 0
+        self.applied = 0  # generation running (or last refused): older desired states are ignored
+        self.pending: Desired | None = None
+        self.fetching: dict[str, _Fetch] = {}
+        self.client: mqtt.Client | None = None
+        self.probe = cfg.probe[0] if cfg.probe is not None else torch.zeros(2, *cfg.input_shape)
+        self._restore()
+
+    # --- lifecycle ----------------------------------------------------------------------
+    def start(self, broker_host: str, port: int) -> None:
+        will = State(device_id=self.cfg.device_id, online=False, session=self.session,
+                     ts=self.clock())
+        self.client = make_client(self.cfg.device_id, will=(self.t.state(self.cfg.device_id),
+                                                             encode(will)),
+                                  username=self.cfg.username, password=self.cfg.password)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.host.add(self.client, broker_host, port)
+        self.host.every(self.cfg.telemetry_period, self._guard(self._tick), jitter=1.0)
+
+    def stop(self) -> None:
+        """Go offline cleanly: publish the death state, then disconnect."""
+        if self.client is not None:
+            self._publish(self.t.state(self.cfg.device_id),
+                          State(device_id=self.cfg.device_id, online=False,
+                                session=self.session, ts=self.clock()), retain=True)
+            self.host.remove(self.client)
+
+    # --- shell: MQTT callbacks ----------------------------------------------------------
+    def _guard(self, fn):
+        def run(*args):
+            try:
+                fn(*args)
+            except Exception:  # a callback must never kill the loop
+                self.stats["errors"] += 1
+                log.exception("%s: error in %s", self.cfg.device_id, fn.__name__)
+        return run
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("%s: connect refused: %s", self.cfg.device_id, reason_code)
+            return
+        d = self.cfg.device_id
+        client.subscribe([(self.t.desired(d), 1), (self.t.art_data(d), 1), (self.t.rebirth, 1)])
+        self._birth()
+        for seg_id in self.fetching:  # resume downloads cut by the disconnect
+            self._request(seg_id)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        try:
+            if msg.topic == self.t.desired(self.cfg.device_id):
+                self._on_desired(decode(Desired, msg.payload))
+            elif msg.topic == self.t.art_data(self.cfg.device_id):
+                self._on_chunk(decode(ArtifactChunk, msg.payload))
+            elif msg.topic == self.t.rebirth:
+                decode(Rebirth, msg.payload)
+                self.host.call_later(random.uniform(0, 2), self._guard(self._birth))
+        except (ProtocolError, codec.ArtifactError) as exc:
+            self.stats["dropped"] += 1
+            log.warning("%s: dropped message on %s: %s", self.cfg.device_id, msg.topic, exc)
+        except Exception:
+            self.stats["errors"] += 1
+            log.exception("%s: error handling %s", self.cfg.device_id, msg.topic)
+
+    def _publish(self, topic: str, msg, qos: int = 1, retain: bool = False) -> None:
+        if self.client is not None:
+            self.client.publish(topic, encode(msg), qos=qos, retain=retain)
+
+    def _birth(self) -> None:
+        cur = self.slot.get()
+        self._publish(self.t.state(self.cfg.device_id), State(
+            device_id=self.cfg.device_id, online=True, session=self.session, ts=self.clock(),
+            capabilities=self.resources.capabilities(), segments=self.cache.ids(),
+            hybrid=cur.hybrid if cur else None, generation=self.applied), retain=True)
+
+    def _ack(self, d: Desired, status: str, **kw) -> None:
+        self.stats[status] += 1
+        self._publish(self.t.ack(self.cfg.device_id), Ack(
+            device_id=self.cfg.device_id, deployment_id=d.deployment_id,
+            generation=d.generation, status=status, ts=self.clock(), **kw))
+
+    def _tick(self) -> None:
+        now = self.clock()
+        cur = self.slot.get()
+        if cur is not None:
+            self.latency.add(self.resources.latency_ms(cur, self.probe))
+        r = self.resources.sample(now)
+        self.seq += 1
+        self._publish(self.t.telemetry(self.cfg.device_id), Telemetry(
+            seq=self.seq, ts=now, lat_p50_ms=self.latency.percentile(50),
+            lat_p95_ms=self.latency.percentile(95), inferences=self.latency.count,
+            hybrid=cur.hybrid if cur else None, generation=self.applied, **r), qos=0)
+        for seg_id, f in self.fetching.items():
+            if now - f.last_progress > REFETCH_AFTER_S:
+                self._request(seg_id)
+
+    # --- the deployment pipeline ------------------------------------------------------
+    def _on_desired(self, d: Desired) -> None:
+        newest = max(self.applied, self.pending.generation if self.pending else 0)
+        if d.generation <= newest:
+            self.stats["stale"] += 1  # a retained re-delivery or a replay: already handled
+            return
+        self.pending = d
+        self._ack(d, "RECEIVED")
+        missing = [s for s in dict.fromkeys(d.front + d.back) if not self.cache.has(s)]
+        for seg_id in missing:
+            self.fetching.setdefault(seg_id, _Fetch(last_progress=self.clock()))
+            self._request(seg_id)
+        if missing:
+            self._ack(d, "FETCHING", done=0, total=len(missing))
+        else:
+            self._apply(d)
+
+    def _request(self, seg_id: str) -> None:
+        f = self.fetching[seg_id]
+        f.last_progress = self.clock()
+        chunks = None if f.total is None else sorted(set(range(f.total)) - f.held)
+        self._publish(self.t.art_req(self.cfg.device_id),
+                      ArtifactRequest(artifact=seg_id, chunks=chunks,
+                                      chunk_size=self.cfg.chunk_size))
+
+    def _on_chunk(self, c: ArtifactChunk) -> None:
+        f = self.fetching.get(c.artifact)
+        if f is None:
+            return  # a late duplicate
+        if c.error:
+            self.fetching.pop(c.artifact)
+            self._fail_pending(f"segment {c.artifact[:12]} unavailable: {c.error}")
+            return
+        if f.total is None:
+            f.total, f.held = c.total, self.cache.partial(c.artifact, c.artifact_sha256, c.size,
+                                                          c.total)
+        data = codec.unb64(c.data, 256 * 1024)
+        if codec.sha256_hex(data) != c.sha256:
+            raise codec.ArtifactError(f"chunk {c.index} of {c.artifact[:12]} fails its sha256")
+        if c.index not in f.held:
+            try:
+                self.cache.put_chunk(c.artifact, c.index, data)
+            except OSError as exc:  # e.g. a full disk: the old model keeps serving
+                self.fetching.pop(c.artifact)
+                self._fail_pending(f"cache write failed: {exc.strerror or exc}")
+                return
+            f.held.add(c.index)
+        f.last_progress = self.clock()
+        if len(f.held) < f.total:
+            return
+        self.fetching.pop(c.artifact)
+        try:
+            self.cache.assemble(c.artifact)
+        except (codec.ArtifactError, OSError) as exc:
+            self._fail_pending(f"segment {c.artifact[:12]}: {exc}")
+            return
+        d = self.pending
+        if d is None:
+            return
+        need = [s for s in dict.fromkeys(d.front + d.back) if not self.cache.has(s)]
+        self._ack(d, "FETCHING", done=len(set(d.front + d.back)) - len(need),
+                  total=len(set(d.front + d.back)))
+        if not need:
+            self._apply(d)
+
+    def _fail_pending(self, reason: str) -> None:
+        if self.pending is not None:
+            d, self.pending = self.pending, None
+            self.applied = max(self.applied, d.generation)  # do not retry a refused generation
+            self._ack(d, "FAILED", reason=reason)
+            self._save()
+
+    def _load(self, d: Desired) -> Loaded:
+        """Assemble and verify the model `d` describes, from the cache (no network)."""
+        front = [self.registry.get(s, self.cache.read(s)) for s in d.front]
+        back = [self.registry.get(s, self.cache.read(s)) for s in d.back]
+        stitch = build_stitch(d.stitch) if d.stitch is not None else None
+        if (stitch is None) != (not d.back):
+            raise ValueError("a hybrid needs a stitch and back segments; an anchor neither")
+        module = assemble(front, stitch, back)
+        return Loaded(module, d, verify(module, self.probe, self.cfg.num_classes))
+
+    def _apply(self, d: Desired) -> None:
+        self.pending = None
+        try:
+            new = self._load(d)
+        except (codec.ArtifactError, ValueError, RuntimeError, KeyError, OSError) as exc:
+            self.applied = max(self.applied, d.generation)
+            self._ack(d, "FAILED", reason=f"verification: {exc}")
+            self._save()
+            return
+        self._ack(d, "VERIFIED")
+        swap_ms = self.slot.swap(new)
+        self.applied = d.generation
+        self.latency.clear()
+        self._ack(d, "SWAPPED", swap_ms=swap_ms)
+        problem = self._health(new)
+        if problem is None:
+            self._ack(d, "HEALTHY")
+        else:
+            self.slot.rollback()
+            self.latency.clear()
+            self._ack(d, "FAILED", reason=problem)
+            self._ack(d, "ROLLED_BACK", reason=problem)
+        self._save()
+        self._birth()
+
+    @torch.no_grad()
+    def _health(self, new: Loaded) -> str | None:
+        for _ in range(self.cfg.health_samples):
+            self.latency.add(self.resources.latency_ms(new, self.probe))
+        acc = None
+        if self.cfg.probe is not None:
+            x, y = self.cfg.probe
+            out = new.module(x)
+            if not torch.isfinite(out).all():
+                return "outputs on the probe samples are not finite"
+            acc = float((out.argmax(1) == y).float().mean())
+        return health_verdict(self.latency.percentile(95), new.desired.latency_budget_ms, acc,
+                              new.desired.min_accuracy)
+
+    # --- persistence: the running model survives a restart ------------------------------
+    def _save(self) -> None:
+        cur, prev = self.slot.get(), self.slot.previous
+        doc = {"applied": self.applied,
+               "current": cur.desired.model_dump(mode="json") if cur else None,
+               "previous": prev.desired.model_dump(mode="json") if prev else None}
+        atomic_write(self.cfg.cache_dir / "applied.json", json.dumps(doc).encode())
+
+    def _restore(self) -> None:
+        path = self.cfg.cache_dir / "applied.json"
+        if not path.is_file():
+            return
+        doc = json.loads(path.read_text())
+        self.applied = int(doc.get("applied", 0))
+        for key in ("previous", "current"):
+            if doc.get(key):
+                try:
+                    self.slot.swap(self._load(Desired.model_validate(doc[key])))
+                except Exception as exc:  # a damaged cache must not stop the agent
+                    log.warning("%s: cannot restore the %s model: %s", self.cfg.device_id, key,
+                                exc)

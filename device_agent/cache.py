@@ -1,0 +1,158 @@
+"""The device's segment cache: verified segment artifacts on disk, resumable partial downloads,
+and a process-wide registry of rebuilt segment modules shared read-only between agents.
+
+Disk layout under the cache directory (every write is atomic: temp file, fsync, rename):
+
+    segments/<segment-id>.safetensors      complete, verified artifacts
+    partial/<segment-id>/meta.json         a download in progress: artifact sha256, size, total
+    partial/<segment-id>/<index>.part      the chunks received so far (each sha256-checked)
+    applied.json                           the running deployment and the one before it
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fleet_protocol import codec
+from stitch_lib.build import segment_payloads
+from stitch_lib.catalog import Catalog
+from stitch_lib.segments import Segment, split_model
+from stitch_lib.zoo import from_recipe
+
+log = logging.getLogger(__name__)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a crash leaves either the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class SegmentCache:
+    """Segment artifacts on disk, by segment ID."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        (self.root / "segments").mkdir(parents=True, exist_ok=True)
+        (self.root / "partial").mkdir(parents=True, exist_ok=True)
+
+    def path(self, seg_id: str) -> Path:
+        return self.root / "segments" / f"{seg_id}.safetensors"
+
+    def ids(self) -> list[str]:
+        return sorted(p.stem for p in (self.root / "segments").glob("*.safetensors"))
+
+    def has(self, seg_id: str) -> bool:
+        return self.path(seg_id).is_file()
+
+    def read(self, seg_id: str) -> bytes:
+        return self.path(seg_id).read_bytes()
+
+    def put(self, seg_id: str, blob: bytes, sha256: str) -> None:
+        """Store a complete artifact after checking its hash and format."""
+        codec.unpack_segment(blob, sha256)
+        atomic_write(self.path(seg_id), blob)
+        shutil.rmtree(self.root / "partial" / seg_id, ignore_errors=True)
+
+    # --- resumable downloads -------------------------------------------------------------
+    def partial(self, seg_id: str, artifact_sha256: str, size: int, total: int) -> set[int]:
+        """Start or resume a download; returns the chunk indices already held. A download of
+        a different artifact under the same ID is discarded."""
+        d = self.root / "partial" / seg_id
+        meta = {"artifact_sha256": artifact_sha256, "size": size, "total": total}
+        try:
+            if json.loads((d / "meta.json").read_text()) == meta:
+                return {int(p.stem) for p in d.glob("*.part")}
+        except (OSError, ValueError):
+            pass
+        shutil.rmtree(d, ignore_errors=True)
+        atomic_write(d / "meta.json", json.dumps(meta).encode())
+        return set()
+
+    def put_chunk(self, seg_id: str, index: int, data: bytes) -> None:
+        atomic_write(self.root / "partial" / seg_id / f"{index}.part", data)
+
+    def assemble(self, seg_id: str) -> None:
+        """Join a complete download, verify it, and move it into the cache."""
+        d = self.root / "partial" / seg_id
+        meta = json.loads((d / "meta.json").read_text())
+        blob = b"".join((d / f"{k}.part").read_bytes() for k in range(meta["total"]))
+        self.put(seg_id, blob, meta["artifact_sha256"])
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+
+class SegmentRegistry:
+    """Segment modules rebuilt from artifacts, shared read-only by every agent of a process.
+
+    A segment is rebuilt by creating its anchor's timm architecture (the artifact's recipe),
+    loading the artifact's weights into the right segment, and checking that the result
+    hashes to the requested segment ID."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._segments: dict[str, Segment] = {}
+        # recipe → architecture instances, each with the segment slots already loaded
+        self._skeletons: dict[str, list[tuple[list[Segment], set[int]]]] = {}
+
+    def get(self, seg_id: str, blob: bytes) -> Segment:
+        """The segment `seg_id`, rebuilt from its artifact `blob` the first time."""
+        with self._lock:
+            if seg_id not in self._segments:
+                tensors, meta = codec.unpack_segment(blob, codec.sha256_hex(blob))
+                seg = self._load(meta, tensors)
+                if seg.segment_id() != seg_id:
+                    raise codec.ArtifactError(f"artifact does not rebuild segment {seg_id[:12]}")
+                self._segments[seg_id] = seg
+            return self._segments[seg_id]
+
+    def _load(self, meta: dict, tensors: dict[str, np.ndarray]) -> Segment:
+        key, index = json.dumps(meta["recipe"], sort_keys=True), int(meta["index"])
+        pool = self._skeletons.setdefault(key, [])
+        for segs, used in pool:
+            if index not in used:
+                break
+        else:
+            segs, used = split_model(from_recipe(meta["recipe"])), set()
+            pool.append((segs, used))
+        if not 0 <= index < len(segs):
+            raise codec.ArtifactError(f"segment index {index} out of range for {meta['recipe']}")
+        seg = segs[index]
+        try:
+            seg.body.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in tensors.items()})
+        except RuntimeError as exc:
+            raise codec.ArtifactError(f"segment weights do not fit the architecture: {exc}") from None
+        used.add(index)
+        return seg.eval().requires_grad_(False)
+
+
+def provision(cache: SegmentCache, catalog: Catalog, anchors: list[str] | None = None) -> list[str]:
+    """Put the segments of a catalog's anchors (all, or those named) into `cache` ahead of
+    time — what `restnet agent provision` does for a board. Returns the segment IDs added."""
+    names = anchors or [e.name for e in catalog.anchors]
+    added = []
+    for name in names:
+        for seg_id, tensors, meta in segment_payloads(catalog.get(name), catalog):
+            if not cache.has(seg_id):
+                blob = codec.pack_segment(tensors, meta)
+                cache.put(seg_id, blob, codec.sha256_hex(blob))
+                added.append(seg_id)
+    return added

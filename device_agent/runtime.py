@@ -1,0 +1,142 @@
+"""The running model: assembly from cached segments plus a stitch delta, an atomic slot that
+inference reads and deployments swap, latency statistics, and the health verdict.
+
+Inference takes a reference to the current model under a lock and runs outside it, so a swap
+never shows a half-built model and requests in flight finish on the model they started with.
+"""
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fleet_protocol import codec
+from fleet_protocol.messages import Desired, StitchDelta
+from stitch_lib.cost import flops
+from stitch_lib.segments import Port, Segment
+from stitch_lib.stitch import Stitch
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A model ready to serve, and the deployment it came from."""
+
+    module: nn.Module
+    desired: Desired
+    flops: int
+
+    @property
+    def hybrid(self) -> str:
+        return self.desired.hybrid
+
+    @property
+    def generation(self) -> int:
+        return self.desired.generation
+
+
+def _port(p) -> Port:
+    return Port(p.form, p.channels, tuple(p.grid), p.num_prefix)
+
+
+def build_stitch(delta: StitchDelta) -> Stitch:
+    """A stitch from a delta: shapes known from the ports, bytes checked before loading."""
+    stitch = Stitch(_port(delta.src), _port(delta.dst))
+    expected = {k: tuple(v.shape) for k, v in stitch.state_dict().items()}
+    blob = codec.unb64(delta.data, codec.MAX_DELTA_BYTES)
+    if len(blob) != delta.size:
+        raise codec.ArtifactError(f"delta is {len(blob)} bytes, the manifest says {delta.size}")
+    tensors = codec.unpack_delta(blob, delta.sha256, expected)
+    stitch.load_state_dict({k: torch.from_numpy(v.astype(np.float32)) for k, v in tensors.items()})
+    return stitch.eval().requires_grad_(False)
+
+
+def assemble(front: list[Segment], stitch: Stitch | None, back: list[Segment]) -> nn.Module:
+    """front → stitch → back as one module (segments shared, never copied)."""
+    parts = [*front, *([stitch] if stitch is not None else []), *back]
+    return nn.Sequential(*parts).eval()
+
+
+@torch.no_grad()
+def verify(module: nn.Module, probe: torch.Tensor, num_classes: int | None = None) -> int:
+    """Run the new model once on probe inputs before it may serve; returns its FLOPs.
+    Raises ValueError when outputs are not finite or have the wrong shape."""
+    out = module(probe[:2])
+    if out.ndim != 2 or (num_classes is not None and out.shape[1] != num_classes):
+        raise ValueError(f"model outputs shape {tuple(out.shape)}, expected (N, {num_classes})")
+    if not torch.isfinite(out).all():
+        raise ValueError("model outputs are not finite")
+    return flops(module, probe[:1])
+
+
+class ModelSlot:
+    """The current and the previous model; swaps are atomic."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.current: Loaded | None = None
+        self.previous: Loaded | None = None
+
+    def get(self) -> Loaded | None:
+        with self._lock:
+            return self.current
+
+    def swap(self, new: Loaded) -> float:
+        """Make `new` current; returns how long the swap held the lock (ms)."""
+        t0 = time.perf_counter()
+        with self._lock:
+            self.previous, self.current = self.current, new
+        return (time.perf_counter() - t0) * 1e3
+
+    def rollback(self) -> Loaded | None:
+        """Back to the previous model (no network needed); returns it."""
+        with self._lock:
+            if self.previous is not None:
+                self.current, self.previous = self.previous, None
+            return self.current
+
+    @torch.no_grad()
+    def infer(self, x: torch.Tensor) -> tuple[torch.Tensor, Loaded]:
+        """Run the current model on `x`; the model is fixed when the call starts."""
+        loaded = self.get()
+        if loaded is None:
+            raise RuntimeError("no model loaded yet")
+        return loaded.module(x), loaded
+
+
+class LatencyWindow:
+    """The last latencies of the running model, for p50/p95 in telemetry."""
+
+    def __init__(self, size: int = 64) -> None:
+        self._values: deque[float] = deque(maxlen=size)
+        self.count = 0
+
+    def add(self, ms: float) -> None:
+        self._values.append(ms)
+        self.count += 1
+
+    def clear(self) -> None:
+        self._values.clear()
+
+    def percentile(self, q: float) -> float | None:
+        if not self._values:
+            return None
+        if len(self._values) == 1:
+            return self._values[0]
+        return statistics.quantiles(self._values, n=100, method="inclusive")[round(q) - 1]
+
+
+def health_verdict(p95_ms: float | None, budget_ms: float | None, probe_acc: float | None,
+                   min_acc: float | None) -> str | None:
+    """None when healthy, else the reason: latency over budget or accuracy under the floor
+    on the device's labelled probes."""
+    if budget_ms is not None and p95_ms is not None and p95_ms > budget_ms:
+        return f"latency p95 {p95_ms:.1f} ms > budget {budget_ms:.1f} ms"
+    if min_acc is not None and probe_acc is not None and probe_acc < min_acc:
+        return f"probe accuracy {probe_acc:.3f} < {min_acc:.3f}"
+    return None

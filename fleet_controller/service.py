@@ -1,0 +1,302 @@
+"""The controller's imperative shell: MQTT in and out, the scheduler, the store.
+
+Decisions are made by the pure planner (`planner.plan`); this module only feeds it twins built
+from births and telemetry, publishes retained desired states, follows acks, serves segment
+chunks and records everything in SQLite. All fleet state is touched in the MQTT host's thread;
+scheduler jobs hand their results to that thread with `host.submit`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from fleet_protocol.messages import (Ack, ArtifactRequest, ControllerState, Desired,
+                                     ProtocolError, Rebirth, State, Telemetry, decode, encode)
+from fleet_protocol.mqtt import ClientHost, make_client
+from fleet_protocol.topics import Topics
+from stitch_lib.catalog import Catalog, Entry
+
+from .artifacts import Artifacts
+from .finetune import Finetuner
+from .planner import Candidate, Twin, learn_speed, plan
+from .policy import FleetPolicy, PolicyError, effective_rule, load_policy
+from .store import Deployment, Store
+
+log = logging.getLogger(__name__)
+DEPLOY_TIMEOUT_S = 60.0  # an open deployment of an online device older than this is abandoned
+AVOID_S = 300.0  # a hybrid that failed on a device is not retried there for this long
+PROBE_SLACK = 0.15  # the probe-accuracy floor sent to devices: a few probes are noisy
+
+
+@dataclass
+class Metrics:
+    reactions_ms: list[float] = field(default_factory=list)  # trigger telemetry → HEALTHY
+    desired_bytes: int = 0
+    chunk_bytes: int = 0
+    whole_model_bytes: int = 0  # what shipping each deployed model whole would have cost
+    adaptations: int = 0
+    failures: int = 0
+
+
+class Controller:
+    """One controller process. `start()` connects it through `host` and starts its jobs."""
+
+    def __init__(self, policy_path: Path, state_dir: Path, host: ClientHost,
+                 topics: Topics = Topics(), clock=time.time,
+                 username: str | None = None, password: str | None = None) -> None:
+        self.policy_path, self.host, self.t, self.clock = Path(policy_path), host, topics, clock
+        self.policy = load_policy(self.policy_path)
+        self._policy_mtime = self.policy_path.stat().st_mtime
+        self.catalog = Catalog.load(self.policy.catalog)
+        self.artifacts = Artifacts(self.catalog)
+        self.finetuner = Finetuner(self.catalog)
+        self.store = Store(Path(state_dir) / "controller.sqlite")
+        self.session = time.time_ns()
+        self.stats: Counter[str] = Counter()
+        self.metrics = Metrics()
+        self.twins: dict[str, Twin] = {}
+        self.sessions: dict[str, int] = {}
+        self.avoid: dict[str, dict[str, float]] = defaultdict(dict)
+        self.triggers: dict[str, float] = {}  # deployment → time of the telemetry that caused it
+        self.running_artifact: dict[str, str] = {}  # device → stitch artifact it runs
+        self.finetune_queue: set[str] = set()
+        self._refresh_candidates()
+        for device_id, doc in self.store.twins().items():
+            doc["cached"] = frozenset(doc.get("cached", ()))
+            self.twins[device_id] = Twin(**doc)
+        self.client: mqtt.Client | None = None
+        self.username, self.password = username, password
+        self.scheduler = BackgroundScheduler(job_defaults={
+            "misfire_grace_time": None, "coalesce": True, "max_instances": 1})
+
+    def _refresh_candidates(self) -> None:
+        self.entries = {e.id: e for e in self.catalog.entries}
+        self.candidates = [Candidate.from_entry(e) for e in self.catalog.entries]
+
+    # --- lifecycle ----------------------------------------------------------------------
+    def start(self, broker_host: str, port: int) -> None:
+        will = ControllerState(online=False, session=self.session, ts=self.clock())
+        self.client = make_client(f"controller-{self.session}", will=(self.t.ctl_state, encode(will)),
+                                  username=self.username, password=self.password)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.host.add(self.client, broker_host, port)
+        self.scheduler.add_job(lambda: self.host.submit(self._reconcile_all), "interval",
+                               seconds=self.policy.reconcile_interval_s, id="reconcile",
+                               replace_existing=True)
+        self.scheduler.add_job(self._reload_policy, "interval", seconds=2, id="policy-reload",
+                               replace_existing=True)
+        self.scheduler.add_job(self._finetune_next, "interval", seconds=1, id="finetune",
+                               replace_existing=True)
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        self.scheduler.shutdown(wait=False)
+        if self.client is not None:
+            self.client.on_message = None  # nothing more is handled once the store closes
+            self.client.publish(self.t.ctl_state, encode(ControllerState(
+                online=False, session=self.session, ts=self.clock())), qos=1, retain=True)
+            self.host.remove(self.client)
+        self.store.close()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("controller: connect refused: %s", reason_code)
+            return
+        client.subscribe([(self.t.all_state, 1), (self.t.all_telemetry, 0),
+                          (self.t.all_ack, 1), (self.t.all_art_req, 1)])
+        client.publish(self.t.ctl_state, encode(ControllerState(
+            online=True, session=self.session, ts=self.clock())), qos=1, retain=True)
+        client.publish(self.t.rebirth, encode(Rebirth(ts=self.clock())), qos=1)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        parsed = self.t.parse(msg.topic)
+        try:
+            if parsed is None:
+                raise ProtocolError(f"unexpected topic {msg.topic}")
+            kind, device = parsed
+            now = self.clock()
+            if kind == "telemetry":
+                self._on_telemetry(device, decode(Telemetry, msg.payload), now)
+            elif kind == "state":
+                if msg.payload:  # an empty retained payload clears the topic
+                    self._on_state(device, decode(State, msg.payload), now)
+            elif kind == "ack":
+                self._on_ack(device, decode(Ack, msg.payload), now)
+            elif kind == "art_req":
+                self._on_art_req(device, decode(ArtifactRequest, msg.payload))
+            self.stats[f"in_{kind}"] += 1
+        except (ProtocolError, ValueError) as exc:
+            self.stats["dropped"] += 1
+            log.warning("controller: dropped message on %s: %s", msg.topic, exc)
+        except Exception:
+            self.stats["errors"] += 1
+            log.exception("controller: error handling %s", msg.topic)
+
+    # --- what devices tell us -----------------------------------------------------------
+    def _twin(self, device: str) -> Twin:
+        return self.twins.setdefault(device, Twin(device_id=device))
+
+    def _save_twin(self, twin: Twin) -> None:
+        doc = asdict(twin)
+        doc["cached"] = sorted(twin.cached)
+        self.store.put_twin(twin.device_id, doc)
+
+    def _on_state(self, device: str, s: State, now: float) -> None:
+        if s.device_id != device:
+            raise ProtocolError(f"state for {s.device_id} on {device}'s topic")
+        if s.session < self.sessions.get(device, 0):
+            self.stats["stale_state"] += 1  # a will overtaking a rebirth: ignore
+            return
+        self.sessions[device] = s.session
+        twin = self._twin(device)
+        twin.online = s.online
+        if s.online:
+            if s.capabilities is not None:
+                twin.device_class = s.capabilities.device_class
+                twin.mem_mb, twin.gflops = s.capabilities.mem_mb, s.capabilities.gflops
+            twin.cached = frozenset(s.segments)
+            if s.hybrid != twin.running:
+                twin.running, twin.since = s.hybrid, now
+            for dep in self.store.deployments(device, open_only=True):
+                if s.generation >= dep.generation:  # settled while we were away
+                    status = "HEALTHY" if s.hybrid == dep.hybrid else "FAILED"
+                    self.store.update_deployment(dep.id, status, now, "settled by device state")
+        self._save_twin(twin)
+
+    def _on_telemetry(self, device: str, m: Telemetry, now: float) -> None:
+        twin = self._twin(device)
+        twin.online = True
+        twin.battery, twin.charging, twin.temp_c = m.battery, m.charging, m.temp_c
+        twin.mem_free_mb, twin.lat_p50_ms, twin.lat_p95_ms = m.mem_free_mb, m.lat_p50_ms, m.lat_p95_ms
+        entry = self.entries.get(m.hybrid or "")
+        if entry is not None and m.lat_p50_ms:
+            twin.speed = learn_speed(twin.speed, m.lat_p50_ms, entry.latency_ms)
+        self._reconcile(device, now, trigger=m.ts)
+
+    def _on_ack(self, device: str, a: Ack, now: float) -> None:
+        if a.device_id != device:
+            raise ProtocolError(f"ack for {a.device_id} on {device}'s topic")
+        deps = {d.id: d for d in self.store.deployments(device)}
+        dep = deps.get(a.deployment_id)
+        if dep is None or dep.generation != a.generation:
+            self.stats["unknown_ack"] += 1
+            return
+        if not dep.open:
+            return  # a late or repeated ack
+        self.store.update_deployment(dep.id, a.status, now, a.reason or "")
+        twin = self._twin(device)
+        if a.status == "HEALTHY":
+            twin.running, twin.since = dep.hybrid, now
+            entry = self.entries.get(dep.hybrid)
+            if entry is not None and entry.artifact:
+                self.running_artifact[device] = entry.artifact
+            self.metrics.adaptations += 1
+            if dep.id in self.triggers:
+                self.metrics.reactions_ms.append((now - self.triggers.pop(dep.id)) * 1e3)
+            self._save_twin(twin)
+        elif a.status in ("FAILED", "ROLLED_BACK"):
+            self.metrics.failures += a.status == "FAILED"
+            self.avoid[device][dep.hybrid] = now + AVOID_S
+            self.store.event(now, device, "failed", f"{dep.id}: {a.reason}")
+
+    def _on_art_req(self, device: str, r: ArtifactRequest) -> None:
+        first = self.artifacts.chunk(r.artifact, 0, r.chunk_size)
+        for index in (r.chunks if r.chunks is not None else range(first.total)):
+            if not 0 <= index < first.total:
+                raise ProtocolError(f"chunk {index} out of range for {r.artifact[:12]}")
+            c = first if index == 0 else self.artifacts.chunk(r.artifact, index, r.chunk_size)
+            payload = encode(c)
+            self.metrics.chunk_bytes += len(payload)
+            self.client.publish(self.t.art_data(device), payload, qos=1)
+
+    # --- deciding and deploying ---------------------------------------------------------
+    def _reconcile_all(self) -> None:
+        now = self.clock()
+        for device, twin in list(self.twins.items()):
+            self._reconcile(device, now)
+
+    def _reconcile(self, device: str, now: float, trigger: float | None = None) -> None:
+        twin = self._twin(device)
+        if not twin.online:
+            return
+        for dep in self.store.deployments(device, open_only=True):
+            if now - dep.updated < DEPLOY_TIMEOUT_S:
+                return  # one deployment at a time per device
+            self.store.update_deployment(dep.id, "TIMEOUT", now, "no progress")
+        rule = effective_rule(self.policy, device, twin.device_class, twin.tags)
+        avoid = {h for h, until in self.avoid[device].items() if until > now}
+        decision = plan(twin, [c for c in self.candidates if c.id not in avoid], rule, now)
+        if decision.target is None:
+            running = self.entries.get(twin.running or "")
+            if (running is not None and running.kind == "hybrid"
+                    and self.running_artifact.get(device, running.artifact) != running.artifact):
+                self._deploy(device, running, rule, "stitch fine-tuned: new tensors", None, now,
+                             trigger)
+            return
+        self._deploy(device, self.entries[decision.target], decision.rule or rule, decision.reason,
+                     decision.predicted_latency_ms, now, trigger)
+
+    def _deploy(self, device: str, entry: Entry, rule, reason: str,
+                predicted: float | None, now: float, trigger: float | None) -> None:
+        generation = self.store.last_generation(device) + 1
+        front, back = self.artifacts.split(entry)
+        budget = rule.latency_p95_ms if math.isfinite(rule.latency_p95_ms) else None
+        desired = Desired(
+            generation=generation, deployment_id=f"{device}.{generation}", hybrid=entry.id,
+            name=entry.name, front=front, back=back, stitch=self.artifacts.delta(entry),
+            expected_latency_ms=predicted, latency_budget_ms=budget,
+            min_accuracy=max(0.0, rule.min_accuracy - PROBE_SLACK) or None, ts=now,
+            reason=reason)
+        payload = encode(desired)
+        self.store.add_deployment(Deployment(desired.deployment_id, device, generation, entry.id,
+                                             "sent", reason, now, now, len(payload)))
+        self.client.publish(self.t.desired(device), payload, qos=1, retain=True)
+        self.metrics.desired_bytes += len(payload)
+        self.metrics.whole_model_bytes += entry.model_bytes
+        if trigger is not None:
+            self.triggers[desired.deployment_id] = trigger
+        if entry.stitch_state == "ls" and rule.finetune_on_demand:
+            self.finetune_queue.add(entry.id)
+        log.info("deploy %s → %s (gen %d): %s", device, entry.name, generation, reason)
+
+    # --- scheduler jobs (their own threads) ---------------------------------------------
+    def _reload_policy(self) -> None:
+        try:
+            mtime = self.policy_path.stat().st_mtime
+            if mtime == self._policy_mtime:
+                return
+            self._policy_mtime = mtime
+            policy = load_policy(self.policy_path)
+        except (OSError, PolicyError) as exc:
+            log.error("policy not reloaded, the old one stays in force: %s", exc)
+            return
+        self.host.submit(lambda: self._set_policy(policy))
+
+    def _set_policy(self, policy: FleetPolicy) -> None:
+        self.policy = policy
+        log.info("policy reloaded from %s", self.policy_path)
+        self._reconcile_all()
+
+    def _finetune_next(self) -> None:
+        if not self.finetune_queue:
+            return
+        entry_id = self.finetune_queue.pop()
+        try:
+            update = self.finetuner.run(entry_id)
+        except Exception:
+            log.exception("fine-tuning %s failed", entry_id)
+            return
+        self.host.submit(lambda: self._finetuned(entry_id, update))
+
+    def _finetuned(self, entry_id: str, update: dict) -> None:
+        self.finetuner.apply(entry_id, update)
+        self._refresh_candidates()
+        self._reconcile_all()  # devices running the old stitch get the new one

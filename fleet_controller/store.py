@@ -1,0 +1,111 @@
+"""The controller's memory across restarts: device twins, deployments and events, in SQLite.
+
+Every write is one transaction, so a controller killed at any moment restarts from a state
+where each deployment either exists (with its generation) or does not: no duplicate, no loss.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS twins (device_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS deployments (
+    id TEXT PRIMARY KEY, device_id TEXT NOT NULL, generation INTEGER NOT NULL,
+    hybrid TEXT NOT NULL, status TEXT NOT NULL, reason TEXT NOT NULL,
+    created REAL NOT NULL, updated REAL NOT NULL, payload_bytes INTEGER NOT NULL,
+    UNIQUE (device_id, generation));
+CREATE INDEX IF NOT EXISTS deployments_open ON deployments (status);
+CREATE TABLE IF NOT EXISTS events (
+    ts REAL NOT NULL, device_id TEXT, kind TEXT NOT NULL, detail TEXT NOT NULL);
+"""
+OPEN = ("sent", "RECEIVED", "FETCHING", "VERIFIED", "SWAPPED")
+
+
+@dataclass
+class Deployment:
+    id: str
+    device_id: str
+    generation: int
+    hybrid: str
+    status: str  # "sent", then the device's ack statuses
+    reason: str
+    created: float
+    updated: float
+    payload_bytes: int
+
+    @property
+    def open(self) -> bool:
+        return self.status in OPEN
+
+
+class Store:
+    """A small SQLite store, safe to call from the MQTT thread and scheduler threads."""
+
+    def __init__(self, path: Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _run(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # twins are stored as JSON documents
+    def put_twin(self, device_id: str, doc: dict) -> None:
+        self._run("INSERT OR REPLACE INTO twins VALUES (?, ?)", (device_id, json.dumps(doc)))
+
+    def twins(self) -> dict[str, dict]:
+        return {d: json.loads(doc) for d, doc in self._run("SELECT device_id, doc FROM twins")}
+
+    def add_deployment(self, dep: Deployment) -> None:
+        """Record a new deployment; its (device, generation) must be new."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("INSERT INTO deployments VALUES (?,?,?,?,?,?,?,?,?)",
+                                 tuple(asdict(dep).values()))
+                self._db.execute("INSERT INTO events VALUES (?,?,?,?)",
+                                 (dep.created, dep.device_id, "deploy",
+                                  f"{dep.id} gen {dep.generation} → {dep.hybrid}: {dep.reason}"))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def update_deployment(self, dep_id: str, status: str, now: float, reason: str = "") -> None:
+        self._run("UPDATE deployments SET status=?, updated=?, "
+                  "reason=CASE WHEN ?='' THEN reason ELSE ? END WHERE id=?",
+                  (status, now, reason, reason, dep_id))
+
+    def deployments(self, device_id: str | None = None, open_only: bool = False) -> list[Deployment]:
+        sql, args = "SELECT * FROM deployments", []
+        conds = []
+        if device_id is not None:
+            conds.append("device_id=?")
+            args.append(device_id)
+        if open_only:
+            conds.append(f"status IN ({','.join('?' * len(OPEN))})")
+            args += OPEN
+        if conds:
+            sql += " WHERE " + " AND ".join(conds)
+        return [Deployment(*row) for row in self._run(sql + " ORDER BY created", tuple(args))]
+
+    def last_generation(self, device_id: str) -> int:
+        row = self._run("SELECT MAX(generation) FROM deployments WHERE device_id=?", (device_id,))
+        return row[0][0] or 0
+
+    def event(self, ts: float, device_id: str | None, kind: str, detail: str) -> None:
+        self._run("INSERT INTO events VALUES (?,?,?,?)", (ts, device_id, kind, detail))
+
+    def events(self, limit: int = 100) -> list[tuple]:
+        return self._run("SELECT * FROM events ORDER BY ts DESC LIMIT ?", (limit,))

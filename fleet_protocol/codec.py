@@ -1,0 +1,114 @@
+"""Artifact codec: tensors ↔ bytes, hashes and chunks. numpy only — no torch on this side.
+
+Weights travel only as safetensors (never pickle). A stitch delta is fp16 safetensors,
+zlib-compressed; a segment artifact is fp32 safetensors with string metadata saying how to
+rebuild the segment (timm model name and arguments, segment index). Both are checked before
+anything is loaded: sizes first, then sha256, then every tensor's name, shape and dtype.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import zlib
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+MAX_DELTA_BYTES = 128 * 1024  # compressed stitch tensors, inline in a desired message
+MAX_ARTIFACT_BYTES = 256 * 1024 * 1024
+CHUNK_SIZE = 64 * 1024
+
+
+class ArtifactError(ValueError):
+    """Bytes that are not the artifact they claim to be (size, hash, format or shapes)."""
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def unb64(text: str, limit: int) -> bytes:
+    """Decode base64, refusing anything that would decode to more than `limit` bytes."""
+    if len(text) > (limit + 2) // 3 * 4:
+        raise ArtifactError(f"encoded payload exceeds {limit} bytes")
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError as exc:
+        raise ArtifactError(f"bad base64: {exc}") from None
+
+
+def pack_delta(tensors: dict[str, np.ndarray]) -> bytes:
+    """Stitch tensors → fp16 safetensors → zlib."""
+    half = {k: np.ascontiguousarray(v, dtype=np.float16) for k, v in tensors.items()}
+    return zlib.compress(st_save(half), 9)
+
+
+def unpack_delta(blob: bytes, sha256: str, expected: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Check and open a stitch delta: hash, bounded decompression, exact names and shapes."""
+    if len(blob) > MAX_DELTA_BYTES:
+        raise ArtifactError(f"delta of {len(blob)} bytes exceeds {MAX_DELTA_BYTES}")
+    if sha256_hex(blob) != sha256:
+        raise ArtifactError("delta sha256 mismatch (tampered or corrupt)")
+    limit = 64 * MAX_DELTA_BYTES
+    d = zlib.decompressobj()
+    try:
+        raw = d.decompress(blob, limit)
+    except zlib.error as exc:
+        raise ArtifactError(f"delta is not zlib data: {exc}") from None
+    if d.unconsumed_tail:
+        raise ArtifactError(f"delta decompresses to more than {limit} bytes")
+    tensors = _load(raw)
+    _check(tensors, expected, np.float16)
+    return tensors
+
+
+def pack_segment(tensors: dict[str, np.ndarray], meta: dict) -> bytes:
+    """A segment artifact: fp32 safetensors, `meta` (JSON-able) in the header."""
+    return st_save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                   metadata={"restnet": json.dumps(meta, sort_keys=True)})
+
+
+def unpack_segment(blob: bytes, sha256: str) -> tuple[dict[str, np.ndarray], dict]:
+    """Check a segment artifact's size and hash, then open it: (tensors, meta)."""
+    if len(blob) > MAX_ARTIFACT_BYTES:
+        raise ArtifactError(f"artifact of {len(blob)} bytes exceeds {MAX_ARTIFACT_BYTES}")
+    if sha256_hex(blob) != sha256:
+        raise ArtifactError("artifact sha256 mismatch (tampered or corrupt)")
+    tensors = _load(blob)
+    try:
+        header_len = int.from_bytes(blob[:8], "little")
+        header = json.loads(blob[8:8 + header_len])
+        meta = json.loads(header["__metadata__"]["restnet"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ArtifactError(f"artifact has no restnet metadata: {exc}") from None
+    return tensors, meta
+
+
+def _load(raw: bytes) -> dict[str, np.ndarray]:
+    try:
+        return st_load(raw)
+    except (SafetensorError, ValueError, OverflowError) as exc:
+        raise ArtifactError(f"not a safetensors file: {exc}") from None
+
+
+def _check(tensors: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
+           dtype: type) -> None:
+    if set(tensors) != set(expected):
+        raise ArtifactError(f"tensor names {sorted(tensors)} differ from the expected "
+                            f"{sorted(expected)}")
+    for k, shape in expected.items():
+        if tuple(tensors[k].shape) != tuple(shape) or tensors[k].dtype != dtype:
+            raise ArtifactError(f"tensor {k}: {tensors[k].dtype}{tuple(tensors[k].shape)}, "
+                                f"expected {np.dtype(dtype)}{tuple(shape)}")
+
+
+def chunks(blob: bytes, size: int = CHUNK_SIZE) -> list[bytes]:
+    """Split an artifact into chunks of `size` bytes (the last may be shorter)."""
+    return [blob[k:k + size] for k in range(0, len(blob), size)] or [b""]

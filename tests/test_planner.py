@@ -1,0 +1,274 @@
+"""The pure planner and rollout waves: decisions from plain data and an explicit `now`."""
+import random
+import time
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+
+from fleet_controller.planner import (Candidate, Twin, explain, initial_speed, learn_speed,
+                                      plan)
+from fleet_controller.policy import BatteryMode, ResolvedRule, Rollout
+from fleet_controller.rollout import WaveState, next_wave
+
+MB = 1 << 20
+
+
+def cand(id, acc, lat, mflops, mb, act_mb=1, stitch="finetuned", kind="hybrid"):
+    return Candidate(id=id, name=id, kind=kind, accuracy=acc, latency_ms=lat,
+                     flops=int(mflops * 1e6), model_bytes=int(mb * MB),
+                     act_peak_bytes=int(act_mb * MB), delta_bytes=None, segments=(id,),
+                     stitch_state=None if kind == "anchor" else stitch)
+
+
+CANDS = (
+    cand("big", 0.92, 20, 500, 20, 5, kind="anchor"),
+    cand("h-ls", 0.90, 14, 300, 14, 4, stitch="ls"),
+    cand("h-mid", 0.88, 10, 200, 10, 3),
+    cand("h-small", 0.80, 5, 80, 5),
+    cand("tiny", 0.72, 2, 20, 2, 0.5, kind="anchor"),
+)
+BY_ID = {c.id: c for c in CANDS}
+RULE = ResolvedRule(latency_p95_ms=50, min_accuracy=0.70, max_mem_fraction=0.5, max_temp_c=75,
+                    battery_modes=(BatteryMode(below=0.15, objective="min_energy",
+                                               min_accuracy=0.60),
+                                   BatteryMode(below=0.40, objective="min_energy",
+                                               min_accuracy=0.75)),
+                    min_dwell_s=20, min_gain=0.005)
+NOW = 1000.0
+
+
+def twin(**kw) -> Twin:
+    return Twin(**({"device_id": "d1", "online": True, "speed": 1.0} | kw))
+
+
+def test_fresh_device_gets_the_most_accurate_feasible_model():
+    d = plan(twin(), CANDS, RULE, NOW)
+    assert (d.target, d.mode, d.predicted_latency_ms) == ("big", "normal", 20)
+    assert "nothing running" in d.reason
+
+
+def test_low_battery_switches_to_a_cheaper_hybrid():
+    d = plan(twin(battery=0.3, running="big"), CANDS, RULE, NOW)
+    assert (d.target, d.mode) == ("h-small", "battery<0.4")  # min_energy with accuracy ≥ 0.75
+    assert "battery 0.30 < 0.40" in d.reason and "min_energy" in d.reason
+    d = plan(twin(battery=0.12, running="h-small"), CANDS, RULE, NOW)
+    assert (d.target, d.mode) == ("tiny", "battery<0.15")  # the lowest threshold wins
+    assert "80.0 MFLOPs→20.0 MFLOPs" in d.reason
+    assert (d.rule.objective, d.rule.min_accuracy) == ("min_energy", 0.60)  # health thresholds
+
+
+def test_charging_ignores_battery_modes():
+    d = plan(twin(battery=0.05, charging=True, running="big"), CANDS, RULE, NOW)
+    assert (d.target, d.mode) == (None, "normal")
+    assert "still the best" in d.reason
+
+
+def test_learned_speed_excludes_slow_candidates():
+    speed = None
+    for _ in range(30):  # the device runs `big` 4× slower than the catalog machine
+        speed = learn_speed(speed, 80.0, BY_ID["big"].latency_ms)
+    assert speed == pytest.approx(4.0)
+    d = plan(twin(speed=speed, running="big"), CANDS, RULE, NOW)
+    assert d.target == "h-mid" and d.predicted_latency_ms == pytest.approx(40)
+    assert "big no longer fits (p95 80.0 ms > 50 ms budget)" in d.reason
+
+
+def test_measured_tail_counts_against_the_p95_budget():
+    t = twin(speed=2.0, running="h-mid", lat_p50_ms=20.0, lat_p95_ms=60.0)  # p95 = 3 × p50
+    d = plan(t, CANDS, RULE, NOW)
+    assert d.target == "h-small" and d.predicted_latency_ms == pytest.approx(30)
+
+
+def test_initial_speed_from_gflops():
+    assert initial_speed(twin(gflops=25.0)) == 4.0
+    assert initial_speed(twin(gflops=None)) == 1.0
+    assert initial_speed(twin(gflops=1e-9)) == 1000.0
+    d = plan(twin(speed=None, gflops=25.0), CANDS, RULE, NOW)  # 4× slower: big, h-ls too slow
+    assert d.target == "h-mid"
+
+
+def test_learn_speed_converges_and_clamps():
+    rng = random.Random(1)
+    speed = learn_speed(None, 10.0, 10.0)
+    for _ in range(60):
+        speed = learn_speed(speed, 37.0 * rng.uniform(0.9, 1.1), 10.0)
+    assert speed == pytest.approx(3.7, rel=0.05)
+    assert learn_speed(None, 1e9, 1.0) == 1000.0 and learn_speed(None, 0.0, 5.0) == 0.01
+    with pytest.raises(ValueError):
+        learn_speed(None, 5.0, 0.0)
+
+
+def test_memory_limit():
+    d = plan(twin(mem_free_mb=30), CANDS, RULE, NOW)  # half of 30 MB: big and h-ls do not fit
+    assert d.target == "h-mid"
+    assert any("memory" in w for w in explain(twin(mem_free_mb=30), CANDS, RULE, NOW)["big"])
+    # the running model already sits in used memory: it is not pushed out by its own size
+    assert plan(twin(mem_free_mb=30, running="big"), CANDS, RULE, NOW).target is None
+    assert plan(twin(mem_mb=30, mem_free_mb=None), CANDS, RULE, NOW).target == "h-mid"
+
+
+def test_hot_device_only_gets_cheaper_models():
+    d = plan(twin(temp_c=80, running="h-mid"), CANDS, RULE, NOW)
+    assert (d.target, d.mode) == ("h-small", "hot")
+    assert BY_ID[d.target].flops < BY_ID["h-mid"].flops and "temp 80°C > 75°C" in d.reason
+    just_swapped = twin(temp_c=80, running="h-small", since=NOW - 5)
+    assert plan(just_swapped, CANDS, RULE, NOW).target is None  # give the last step time
+    assert plan(replace(just_swapped, since=NOW - 30), CANDS, RULE, NOW).target == "tiny"
+    d = plan(twin(temp_c=80, running="tiny"), CANDS, RULE, NOW)
+    assert d.target is None and "already the cheapest" in d.reason
+    assert plan(twin(temp_c=80), CANDS, RULE, NOW).target == "tiny"  # nothing known runs
+
+
+def test_hysteresis_dwell_and_min_gain():
+    t = twin(running="h-mid", since=NOW - 5)
+    d = plan(t, CANDS, RULE, NOW)
+    assert d.target is None and "dwell" in d.reason and d.predicted_latency_ms == 10
+    assert plan(replace(t, since=NOW - 25), CANDS, RULE, NOW).target == "big"
+    nearly = CANDS + (cand("h-nearly", 0.922, 19, 480, 19),)
+    d = plan(twin(running="big"), nearly, RULE, NOW)
+    assert d.target is None and "gains 0.0020 < 0.005" in d.reason
+    lat = replace(RULE, objective="min_latency", min_gain=0.1)
+    close = CANDS + (cand("h-fast", 0.75, 1.9, 30, 2),)
+    assert plan(twin(running="tiny"), close, lat, NOW).target is None  # 5% faster only
+    assert plan(twin(running="tiny"), close, replace(lat, min_gain=0.01), NOW).target == "h-fast"
+
+
+def test_infeasible_running_model_is_replaced_despite_dwell():
+    t = twin(running="big", since=NOW - 1, speed=4.0)
+    assert plan(t, CANDS, RULE, NOW).target == "h-mid"
+    t = twin(running="big", since=NOW - 1, mem_free_mb=14)  # memory taken by something else
+    assert plan(t, CANDS, RULE, NOW).target == "h-small"
+    assert plan(replace(t, mem_free_mb=60), CANDS, RULE, NOW).target is None  # fits: dwell
+    t = twin(running="gone-from-catalog", since=NOW - 1)
+    d = plan(t, CANDS, RULE, NOW)
+    assert d.target == "big" and "not in the catalog" in d.reason
+
+
+def test_nothing_feasible_falls_back_to_the_cheapest():
+    rule = replace(RULE, latency_p95_ms=1)
+    d = plan(twin(running="big"), CANDS, rule, NOW)
+    assert d.target == "tiny"
+    assert "no model meets every constraint" in d.reason and "p95 2.0 ms > 1 ms" in d.reason
+    d = plan(twin(running="tiny"), CANDS, rule, NOW)
+    assert d.target is None and "already the cheapest" in d.reason
+
+
+def test_finetune_on_demand_off_keeps_ls_stitches_out():
+    rule = replace(RULE, latency_p95_ms=15)
+    assert plan(twin(), CANDS, rule, NOW).target == "h-ls"
+    assert plan(twin(), CANDS, replace(rule, finetune_on_demand=False), NOW).target == "h-mid"
+
+
+def test_objectives():
+    assert plan(twin(), CANDS, replace(RULE, objective="min_latency"), NOW).target == "tiny"
+    rule = replace(RULE, objective="min_energy", min_accuracy=0.85)
+    assert plan(twin(), CANDS, rule, NOW).target == "h-mid"
+
+
+def test_offline_or_empty_catalog_keeps_everything():
+    assert plan(twin(online=False), CANDS, RULE, NOW).mode == "offline"
+    assert plan(twin(), (), RULE, NOW).target is None
+
+
+def test_candidate_from_catalog_entries():
+    row = dict(id="h1", name="a[:2]→b[3:]", kind="hybrid", test_acc=0.9, latency_ms=3.0,
+               flops=10, model_bytes=100, act_peak_bytes=20, delta_bytes=5, segments=["s1"],
+               stitch_state="ls", params=7, cka=0.5)
+    c = Candidate.from_entry(row)
+    assert (c.accuracy, c.segments, c.stitch_state, c.mem_bytes) == (0.9, ("s1",), "ls", 120)
+    assert Candidate.from_entry(SimpleNamespace(**row)) == c
+
+
+def random_twin(rng: random.Random, ids: list[str]) -> Twin:
+    p50 = rng.choice([None, rng.uniform(1, 50)])
+    return Twin(device_id="r", online=True, mem_mb=rng.choice([None, 64, 512]),
+                gflops=rng.choice([None, rng.uniform(1, 300)]),
+                battery=rng.choice([None, rng.random()]), charging=rng.random() < 0.3,
+                temp_c=rng.choice([None, rng.uniform(30, 95)]),
+                mem_free_mb=rng.choice([None, rng.uniform(5, 200)]),
+                lat_p50_ms=p50, lat_p95_ms=p50 and p50 * rng.uniform(0.8, 4),
+                running=rng.choice([None, "gone", *ids]), since=rng.uniform(0, 100),
+                speed=rng.choice([None, rng.uniform(0.1, 4)]))
+
+
+def test_invariants_over_random_twins():
+    rng = random.Random(7)
+    for case in range(400):
+        cands = [cand(f"c{i}", rng.uniform(0.5, 0.95), rng.uniform(0.5, 40),
+                      rng.uniform(5, 600), rng.uniform(1, 40), rng.uniform(0.1, 8),
+                      stitch=rng.choice(["ls", "finetuned"]), kind=rng.choice(["hybrid"] * 3
+                                                                            + ["anchor"]))
+                 for i in range(rng.randint(1, 12))]
+        rule = replace(RULE, objective=rng.choice(["max_accuracy", "min_latency", "min_energy"]),
+                       latency_p95_ms=rng.uniform(5, 150), min_accuracy=rng.uniform(0.4, 0.8),
+                       max_mem_fraction=rng.uniform(0.1, 1), max_temp_c=rng.uniform(50, 90),
+                       finetune_on_demand=rng.random() < 0.5, min_gain=rng.uniform(0, 0.1))
+        t = random_twin(rng, [c.id for c in cands])
+        d = plan(t, cands, rule, 100.0)
+        why = explain(t, cands, rule, 100.0)
+        feasible = [c for c in cands if not why[c.id]]
+        cheapest = min(cands, key=lambda c: (c.flops, -c.accuracy, c.id))
+        assert d.target != t.running, (case, d)
+        if d.target is not None:
+            target = next(c for c in cands if c.id == d.target)
+            assert target in feasible or (not feasible and target is cheapest), (case, d)
+            if target in feasible:
+                assert d.predicted_latency_ms <= rule.latency_p95_ms
+                assert target.accuracy >= min(rule.min_accuracy,
+                                              *(m.min_accuracy for m in rule.battery_modes))
+                assert rule.finetune_on_demand or target.stitch_state != "ls"
+        running = next((c for c in cands if c.id == t.running), None)
+        if d.target is None and running is not None:  # kept: feasible, or nothing cheaper
+            assert not why[running.id] or (not feasible and running is cheapest), (case, d)
+        if d.target is None and running is None:
+            assert not cands
+        assert d.reason
+
+
+def test_planning_is_fast():
+    rng = random.Random(3)
+    cands = [cand(f"c{i}", rng.uniform(0.5, 0.95), rng.uniform(1, 40), rng.uniform(5, 600),
+                  rng.uniform(1, 40)) for i in range(40)]
+    t = twin(running="c3", battery=0.3, temp_c=50, mem_free_mb=100)
+    start = time.perf_counter()
+    for _ in range(200):
+        plan(t, cands, RULE, NOW)
+    assert (time.perf_counter() - start) / 200 < 2e-3
+
+
+# ---- rollout waves ------------------------------------------------------------------------
+
+ROLL = Rollout(waves=[10, 50, 100], wave_interval_s=10, max_failure_percent=20)
+DEVICES = tuple(f"d{i}" for i in range(10))
+
+
+def state(**status) -> WaveState:
+    return WaveState(DEVICES, {d: 0.0 for d in status}, status)
+
+
+def test_waves_by_cumulative_percent_paced_by_interval():
+    assert next_wave(state(), ROLL, 0.0, None) == (["d0"], "wave 1/3: 10% → 1 devices (1 of 10)")
+    s = state(d0="HEALTHY")
+    batch, why = next_wave(s, ROLL, 5.0, 0.0)
+    assert batch == [] and why.startswith("waiting 5.0 s before wave 2/3")
+    assert next_wave(s, ROLL, 10.0, 0.0)[0] == ["d1", "d2", "d3", "d4"]
+    s = state(d0="HEALTHY", d1="sent", d2="HEALTHY", d3="HEALTHY", d4="sent")
+    assert next_wave(s, ROLL, 30.0, 10.0)[0] == list(DEVICES[5:])
+    assert next_wave(state(**{d: "HEALTHY" for d in DEVICES}), ROLL, 99.0, 30.0) == ([], "done")
+
+
+def test_small_fleets_still_get_every_wave_a_device():
+    s = WaveState(("a", "b"), {}, {})
+    assert next_wave(s, ROLL, 0.0, None)[0] == ["a"]  # ceil(10% of 2) = 1
+    assert next_wave(WaveState(("a", "b"), {}, {"a": "sent"}), ROLL, 20.0, 0.0)[0] == ["b"]
+
+
+def test_failures_abort_the_rollout():
+    assert next_wave(state(d0="FAILED"), ROLL, 50.0, 0.0) == (
+        [], "aborted: 1 of 1 finished devices failed (100% > 20%)")
+    s = state(**{d: "HEALTHY" for d in DEVICES[:4]}, d4="ROLLED_BACK")  # 20%: not above
+    assert next_wave(s, ROLL, 50.0, 0.0)[0] == list(DEVICES[5:])
+    s = state(**{d: "HEALTHY" for d in DEVICES[:3]}, d3="FAILED", d4="ROLLED_BACK")
+    assert next_wave(s, ROLL, 50.0, 0.0)[1].startswith("aborted: 2 of 5")
+    assert next_wave(state(d0="sent"), ROLL, 50.0, 0.0)[0]  # nothing finished yet: go on
