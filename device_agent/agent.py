@@ -71,6 +71,7 @@ class Agent:
         self.stats: Counter[str] = Counter()
         self.session = time.time_ns()
         self.seq = 0
+        self._reported = 0  # latency samples already reported
         self.applied = 0  # generation running (or last refused): older desired states are ignored
         self.pending: Desired | None = None
         self.fetching: dict[str, _Fetch] = {}
@@ -158,9 +159,10 @@ class Agent:
             self.latency.add(self.resources.latency_ms(cur, self.probe))
         r = self.resources.sample(now)
         self.seq += 1
+        self._reported = self.latency.count
         self._publish(self.t.telemetry(self.cfg.device_id), Telemetry(
             seq=self.seq, ts=now, lat_p50_ms=self.latency.percentile(50),
-            lat_p95_ms=self.latency.percentile(95), inferences=self.latency.count,
+            lat_p95_ms=self.latency.percentile(95), inferences=self.latency.count - self._reported,
             hybrid=cur.hybrid if cur else None, generation=self.applied, **r), qos=0)
         for seg_id, f in self.fetching.items():
             if now - f.last_progress > REFETCH_AFTER_S:
@@ -197,8 +199,12 @@ class Agent:
             return  # a late duplicate
         if c.error:
             self.fetching.pop(c.artifact)
-            self._fail_pending(f"segment {c.artifact[:12]} unavailable: {c.error}")
+            if self.pending and c.artifact in self.pending.front + self.pending.back:
+                self._fail_pending(f"segment {c.artifact[:12]} unavailable: {c.error}")
             return
+        if c.index >= c.total or (f.total is not None and c.total != f.total):
+            raise codec.ArtifactError(f"chunk {c.index}/{c.total} of {c.artifact[:12]} does "
+                                      "not fit the download")
         if f.total is None:
             f.total, f.held = c.total, self.cache.partial(c.artifact, c.artifact_sha256, c.size,
                                                           c.total)
@@ -238,10 +244,17 @@ class Agent:
             self._ack(d, "FAILED", reason=reason)
             self._save()
 
+    def _segment(self, seg_id: str):
+        try:
+            return self.registry.get(seg_id, self.cache.read(seg_id))
+        except codec.ArtifactError:
+            self.cache.discard(seg_id)  # a bad artifact is fetched afresh next time
+            raise
+
     def _load(self, d: Desired) -> Loaded:
         """Assemble and verify the model `d` describes, from the cache (no network)."""
-        front = [self.registry.get(s, self.cache.read(s)) for s in d.front]
-        back = [self.registry.get(s, self.cache.read(s)) for s in d.back]
+        front = [self._segment(s) for s in d.front]
+        back = [self._segment(s) for s in d.back]
         stitch = build_stitch(d.stitch) if d.stitch is not None else None
         if (stitch is None) != (not d.back):
             raise ValueError("a hybrid needs a stitch and back segments; an anchor neither")
@@ -252,7 +265,7 @@ class Agent:
         self.pending = None
         try:
             new = self._load(d)
-        except (codec.ArtifactError, ValueError, RuntimeError, KeyError, OSError) as exc:
+        except Exception as exc:  # whatever it is, refuse it and keep the old model
             self.applied = max(self.applied, d.generation)
             self._ack(d, "FAILED", reason=f"verification: {exc}")
             self._save()
@@ -265,6 +278,8 @@ class Agent:
         problem = self._health(new)
         if problem is None:
             self._ack(d, "HEALTHY")
+        elif self.slot.previous is None:  # nothing to go back to: better than no model
+            self._ack(d, "FAILED", reason=f"{problem}; no previous model, it keeps serving")
         else:
             self.slot.rollback()
             self.latency.clear()

@@ -90,11 +90,21 @@ class SegmentCache:
         atomic_write(self.root / "partial" / seg_id / f"{index}.part", data)
 
     def assemble(self, seg_id: str) -> None:
-        """Join a complete download, verify it, and move it into the cache."""
+        """Join a complete download, verify it, and move it into the cache; a download that
+        fails verification is discarded, so the next try fetches it afresh."""
         d = self.root / "partial" / seg_id
-        meta = json.loads((d / "meta.json").read_text())
-        blob = b"".join((d / f"{k}.part").read_bytes() for k in range(meta["total"]))
-        self.put(seg_id, blob, meta["artifact_sha256"])
+        try:
+            meta = json.loads((d / "meta.json").read_text())
+            blob = b"".join((d / f"{k}.part").read_bytes() for k in range(meta["total"]))
+            self.put(seg_id, blob, meta["artifact_sha256"])
+        except (codec.ArtifactError, ValueError, OSError):
+            self.discard(seg_id)
+            raise
+
+    def discard(self, seg_id: str) -> None:
+        """Forget a segment: its artifact and any partial download of it."""
+        self.path(seg_id).unlink(missing_ok=True)
+        shutil.rmtree(self.root / "partial" / seg_id, ignore_errors=True)
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free

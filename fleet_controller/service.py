@@ -63,10 +63,12 @@ class Controller:
         self.metrics = Metrics()
         self.twins: dict[str, Twin] = {}
         self.sessions: dict[str, int] = {}
+        self.device_generation: dict[str, int] = {}  # as devices report it: seeds generations
         self.avoid: dict[str, dict[str, float]] = defaultdict(dict)
         self.triggers: dict[str, float] = {}  # deployment → time of the telemetry that caused it
         self.running_artifact: dict[str, str] = {}  # device → stitch artifact it runs
         self.finetune_queue: set[str] = set()
+        self.stopped = False
         self._refresh_candidates()
         for device_id, doc in self.store.twins().items():
             doc["cached"] = frozenset(doc.get("cached", ()))
@@ -98,6 +100,7 @@ class Controller:
         self.scheduler.start()
 
     def stop(self) -> None:
+        self.stopped = True  # calls the scheduler already handed to the host do nothing
         self.scheduler.shutdown(wait=False)
         if self.client is not None:
             self.client.on_message = None  # nothing more is handled once the store closes
@@ -156,12 +159,14 @@ class Controller:
             self.stats["stale_state"] += 1  # a will overtaking a rebirth: ignore
             return
         self.sessions[device] = s.session
+        self.device_generation[device] = max(self.device_generation.get(device, 0), s.generation)
         twin = self._twin(device)
         twin.online = s.online
         if s.online:
             if s.capabilities is not None:
                 twin.device_class = s.capabilities.device_class
                 twin.mem_mb, twin.gflops = s.capabilities.mem_mb, s.capabilities.gflops
+                twin.tags = dict(s.capabilities.tags)
             twin.cached = frozenset(s.segments)
             if s.hybrid != twin.running:
                 twin.running, twin.since = s.hybrid, now
@@ -209,9 +214,11 @@ class Controller:
 
     def _on_art_req(self, device: str, r: ArtifactRequest) -> None:
         first = self.artifacts.chunk(r.artifact, 0, r.chunk_size)
-        for index in (r.chunks if r.chunks is not None else range(first.total)):
-            if not 0 <= index < first.total:
-                raise ProtocolError(f"chunk {index} out of range for {r.artifact[:12]}")
+        wanted = r.chunks if r.chunks is not None and not first.error else range(first.total)
+        bad = [k for k in wanted if not 0 <= k < first.total]
+        if bad:
+            raise ProtocolError(f"chunks {bad[:5]} out of range for {r.artifact[:12]}")
+        for index in wanted:
             c = first if index == 0 else self.artifacts.chunk(r.artifact, index, r.chunk_size)
             payload = encode(c)
             self.metrics.chunk_bytes += len(payload)
@@ -219,6 +226,8 @@ class Controller:
 
     # --- deciding and deploying ---------------------------------------------------------
     def _reconcile_all(self) -> None:
+        if self.stopped:
+            return
         now = self.clock()
         for device, twin in list(self.twins.items()):
             self._reconcile(device, now)
@@ -246,7 +255,9 @@ class Controller:
 
     def _deploy(self, device: str, entry: Entry, rule, reason: str,
                 predicted: float | None, now: float, trigger: float | None) -> None:
-        generation = self.store.last_generation(device) + 1
+        # newer than anything stored AND than what the device applied (the store may be new)
+        generation = max(self.store.last_generation(device),
+                         self.device_generation.get(device, 0)) + 1
         front, back = self.artifacts.split(entry)
         budget = rule.latency_p95_ms if math.isfinite(rule.latency_p95_ms) else None
         desired = Desired(

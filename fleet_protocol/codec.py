@@ -71,7 +71,7 @@ def unpack_delta(blob: bytes, sha256: str, expected: dict[str, tuple[int, ...]])
 
 def pack_segment(tensors: dict[str, np.ndarray], meta: dict) -> bytes:
     """A segment artifact: fp32 safetensors, `meta` (JSON-able) in the header."""
-    return st_save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+    return st_save({k: np.asarray(v, order="C") for k, v in tensors.items()},  # keeps 0-d
                    metadata={"restnet": json.dumps(meta, sort_keys=True)})
 
 

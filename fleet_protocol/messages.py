@@ -34,6 +34,7 @@ class Capabilities(Wire):
     mem_mb: float = Field(gt=0)
     gflops: float = Field(gt=0)  # nominal compute speed, for the planner's first guess
     battery_powered: bool = True
+    tags: dict[str, str] = {}  # operator labels, matched by fleet.yaml groups
 
 
 class State(Wire):
@@ -61,7 +62,7 @@ class Telemetry(Wire):
     temp_c: float
     lat_p50_ms: float | None = Field(None, ge=0)  # measured on the running model
     lat_p95_ms: float | None = Field(None, ge=0)
-    inferences: int = Field(0, ge=0)  # since the previous telemetry
+    inferences: int = Field(0, ge=0)  # latency samples taken since the previous telemetry
     hybrid: str | None = None
     generation: int = Field(0, ge=0)
 
@@ -118,7 +119,7 @@ class Ack(Wire):
     status: AckStatus
     ts: float
     reason: str | None = None
-    done: int | None = None  # FETCHING n of N chunks
+    done: int | None = None  # FETCHING: n of the deployment's N segments are in the cache
     total: int | None = None
     swap_ms: float | None = None
 

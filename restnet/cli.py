@@ -6,16 +6,20 @@ import importlib
 import sys
 
 COMMANDS = {
+    "demo": ("restnet.demo", "main", "a simulated fleet adapting live on a private Mosquitto"),
     "catalog": ("restnet.stitch_cmd", "catalog_main", "build or show the catalog of hybrids"),
     "cka": ("restnet.stitch_cmd", "cka_main", "write a CKA heat map for two anchors"),
-    "demo": ("restnet.stitch_cmd", "demo_main", "build the default zoo and catalog, show it"),
+    "controller": ("fleet_controller.cli", "main", "run the fleet controller"),
+    "policy": ("fleet_controller.cli", "policy_main", "check a fleet.yaml or write its schema"),
+    "agent": ("device_agent.cli", "main", "run a device agent, or provision its cache"),
+    "simulate": ("simulators.cli", "main", "run a simulated fleet against a broker"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        lines = [f"  {name:<9} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+        lines = [f"  {name:<11} {help_}" for name, (_, _, help_) in COMMANDS.items()]
         print("usage: restnet COMMAND [ARGS]  (restnet COMMAND --help for more)\n\ncommands:\n"
               + "\n".join(lines))
         return 0 if argv[:1] in ([], ["-h"], ["--help"]) else 2

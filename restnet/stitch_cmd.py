@@ -1,5 +1,5 @@
-"""The command-line shell of stitch_lib: `restnet catalog build|show`, `restnet cka`,
-`restnet demo`. Parses arguments and the zoo file, shows progress, prints, plots."""
+"""The command-line shell of stitch_lib: `restnet catalog build|show` and `restnet cka`.
+Parses arguments and the zoo file, shows progress, prints, plots."""
 from __future__ import annotations
 
 import argparse
@@ -106,18 +106,4 @@ def cka_main(argv: list[str]) -> int:
     plot_cka(m.tolist(), [s.name for s in a.segments[:-1]], [s.name for s in b.segments[:-1]],
              f"CKA {args.front} (rows) vs {args.back} (columns)", out)
     console.print(f"CKA heat map: {out}")
-    return 0
-
-
-def demo_main(argv: list[str]) -> int:
-    """Until the fleet loop lands: build the default zoo and catalog (reused when cached)."""
-    p = argparse.ArgumentParser(prog="restnet demo")
-    _common(p)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
-    path = args.home / "catalog"
-    if not (path / "catalog.json").is_file():
-        return catalog_main(["build", "--zoo", str(args.zoo), "--home", str(args.home)])
-    console.print(f"reusing the catalog in {path} (delete it to rebuild)")
-    _show(Catalog.load(path))
     return 0

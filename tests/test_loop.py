@@ -1,5 +1,6 @@
 """The closed loop against a real Mosquitto: controller, real agents, simulated resources."""
 import base64
+import json
 import shutil
 import time
 
@@ -195,3 +196,55 @@ def test_controller_restarted_mid_adaptation_makes_no_duplicate(loop, tmp_path):
         loop.run_until(lambda: agent.seq > seq)
     deps = ctl2.store.deployments("rpi4-003")
     assert len(deps) == 1 and deps[0].status == "HEALTHY"
+
+
+@pytest.mark.slow
+def test_demo_runs_headless_and_summarises(catalog, tmp_path):
+    """`restnet demo` end to end: private broker, controller, simulated fleet, summary."""
+    from restnet.cli import main
+
+    policy = write_policy(tmp_path / "fleet.yaml", catalog.root)
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(yaml.safe_dump({"duration_s": 20, "events": [
+        {"at": 10, "classes": ["rpi3", "rpi4", "mcu"], "set": {"battery": 0.1}}]}))
+    out = tmp_path / "summary.json"
+    assert main(["demo", "--devices", "8", "--policy", str(policy), "--home",
+                 str(catalog.root.parent), "--scenario", str(scenario), "--headless",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["devices"] == 8 and result["adaptations"] >= 8
+    assert result["controller_errors"] == 0 and result["agent_errors"] == 0
+    assert 0 < result["bytes_ratio"] < 1 and result["reaction_ms_p50"] > 0
+
+
+def test_policy_and_provision_commands(catalog, tmp_path, capsys):
+    from restnet.cli import main
+
+    policy = write_policy(tmp_path / "fleet.yaml", catalog.root)
+    assert main(["policy", "check", str(policy)]) == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(policy.read_text().replace("objective: max_accuracy", "objectiv: max_accuracy"))
+    assert main(["policy", "check", str(bad)]) == 1
+    assert "did you mean 'objective'" in capsys.readouterr().out
+    assert main(["agent", "provision", "--catalog", str(catalog.root), "--cache",
+                 str(tmp_path / "board"), "--anchor", "res"]) == 0
+    assert len(SegmentCache(tmp_path / "board").ids()) == len(catalog.get("res").segments)
+
+
+def test_ls_hybrid_is_deployed_then_its_finetuned_stitch_follows(broker, catalog, tmp_path):
+    target = catalog.hybrids[0]
+    target.test_acc = 0.99  # the policy's best: an LS-initialised hybrid
+    catalog.save()
+    lp = Loop(broker, catalog, tmp_path, finetune_on_demand=True,
+              hysteresis={"min_dwell_s": 0, "min_gain": 1.0})
+    try:
+        ctl = lp.start_controller()
+        agent = lp.add_agent("rpi4-009")
+        lp.run_until(lambda: ctl.metrics.adaptations >= 2, timeout=60)
+        deps = ctl.store.deployments("rpi4-009")
+        assert [d.hybrid for d in deps[:2]] == [target.id, target.id]
+        assert "fine-tuned" in deps[1].reason
+        assert Catalog.load(catalog.root).get(target.id).stitch_state == "finetuned"
+        assert agent.slot.get().desired.stitch.sha256 != agent.slot.previous.desired.stitch.sha256
+    finally:
+        lp.close()

@@ -1,0 +1,61 @@
+"""`restnet agent`: run the agent on a board, or provision a board's segment cache."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from pathlib import Path
+
+from fleet_protocol.mqtt import ClientHost, parse_url
+from stitch_lib.catalog import Catalog
+
+from .agent import Agent, AgentConfig
+from .cache import SegmentCache, provision
+from .resources import PsutilResources
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["provision"]:
+        return provision_main(argv[1:])
+    p = argparse.ArgumentParser(prog="restnet agent", description="run the device agent "
+                                "(`restnet agent provision --help` to fill its cache first)")
+    p.add_argument("--device-id", required=True)
+    p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtt://HOST:PORT")
+    p.add_argument("--cache", type=Path, required=True, help="segment cache directory")
+    p.add_argument("--device-class", default="board")
+    p.add_argument("--telemetry-period", type=float, default=5.0)
+    p.add_argument("--username")
+    p.add_argument("--password")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    host = ClientHost()
+    agent = Agent(AgentConfig(args.device_id, args.cache, telemetry_period=args.telemetry_period,
+                              username=args.username, password=args.password),
+                  PsutilResources(args.device_class), host)
+    agent.start(*parse_url(args.broker))
+    signal.signal(signal.SIGTERM, lambda *_: host.stop())
+    try:
+        host.run()
+    except KeyboardInterrupt:
+        pass
+    agent.stop()
+    host.run(timeout=1.0)
+    return 0
+
+
+def provision_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="restnet agent provision",
+                                description="put a catalog's anchor segments on a board")
+    p.add_argument("--catalog", type=Path, required=True, help="catalog directory")
+    p.add_argument("--cache", type=Path, required=True, help="the board's segment cache")
+    p.add_argument("--anchor", action="append", help="only this anchor (repeatable)")
+    args = p.parse_args(argv)
+    try:
+        catalog = Catalog.load(args.catalog)
+        added = provision(SegmentCache(args.cache), catalog, args.anchor)
+    except (FileNotFoundError, KeyError) as exc:
+        raise SystemExit(f"restnet agent provision: {exc}") from exc
+    print(f"{len(added)} segments added to {args.cache}")
+    return 0

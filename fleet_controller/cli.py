@@ -1,0 +1,67 @@
+"""`restnet controller` and `restnet policy check|schema`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+from pathlib import Path
+
+from fleet_protocol.mqtt import ClientHost, parse_url
+
+from .policy import PolicyError, load_policy, policy_schema
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="restnet controller")
+    p.add_argument("--policy", type=Path, default=Path("fleet.yaml"))
+    p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtt://HOST:PORT")
+    p.add_argument("--state-dir", type=Path, default=Path(".restnet/controller"))
+    p.add_argument("--username")
+    p.add_argument("--password")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from .service import Controller  # torch and the catalog load only when running
+
+    host = ClientHost()
+    try:
+        ctl = Controller(args.policy, args.state_dir, host, username=args.username,
+                         password=args.password)
+    except (PolicyError, FileNotFoundError) as exc:
+        raise SystemExit(f"restnet controller: {exc}") from exc
+    ctl.start(*parse_url(args.broker))
+    signal.signal(signal.SIGTERM, lambda *_: host.stop())
+    try:
+        host.run()
+    except KeyboardInterrupt:
+        pass
+    ctl.stop()
+    host.run(timeout=1.0)
+    return 0
+
+
+def policy_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="restnet policy")
+    sub = p.add_subparsers(dest="action", required=True)
+    c = sub.add_parser("check", help="validate a fleet.yaml")
+    c.add_argument("file", type=Path)
+    s = sub.add_parser("schema", help="write the JSON Schema of fleet.yaml")
+    s.add_argument("--out", type=Path, help="file to write (default: stdout)")
+    args = p.parse_args(argv)
+    if args.action == "check":
+        try:
+            policy = load_policy(args.file)
+        except PolicyError as exc:
+            print(exc)
+            return 1
+        print(f"{args.file}: OK ({len(policy.groups)} groups, {len(policy.devices)} device "
+              f"overrides, catalog {policy.catalog})")
+        return 0
+    text = json.dumps(policy_schema(), indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    else:
+        print(text)
+    return 0

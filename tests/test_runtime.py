@@ -1,0 +1,57 @@
+"""The agent's model slot: atomic swaps, requests in flight finish on the old model."""
+import threading
+
+import torch
+from torch import nn
+
+from device_agent.runtime import LatencyWindow, Loaded, ModelSlot, health_verdict
+from fleet_protocol.messages import Desired
+
+
+class Gate(nn.Module):
+    """Returns a constant; waits for `release` when asked to, to hold a request in flight."""
+
+    def __init__(self, value: float, gate: threading.Event | None = None) -> None:
+        super().__init__()
+        self.value, self.gate = value, gate
+        self.entered = threading.Event()
+
+    def forward(self, x):
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(5)
+        return torch.full((x.shape[0], 2), self.value)
+
+
+def loaded(module, gen):
+    d = Desired(generation=gen, deployment_id=f"d{gen}", hybrid=f"h{gen}", front=["s"], ts=0.0)
+    return Loaded(module, d, flops=1)
+
+
+def test_requests_in_flight_finish_on_the_old_model():
+    release = threading.Event()
+    old, new = Gate(1.0, release), Gate(2.0)
+    slot = ModelSlot()
+    slot.swap(loaded(old, 1))
+    results = {}
+    t = threading.Thread(target=lambda: results.setdefault("inflight", slot.infer(torch.zeros(1, 1))))
+    t.start()
+    assert old.entered.wait(5)
+    slot.swap(loaded(new, 2))  # swaps while a request is inside the old model
+    out, which = slot.infer(torch.zeros(1, 1))
+    assert which.generation == 2 and out[0, 0] == 2.0
+    release.set()
+    t.join(5)
+    out, which = results["inflight"]
+    assert which.generation == 1 and out[0, 0] == 1.0
+    assert slot.rollback().generation == 1 and slot.get().generation == 1
+
+
+def test_latency_window_and_health_verdict():
+    w = LatencyWindow(size=100)
+    for ms in range(1, 101):
+        w.add(float(ms))
+    assert 49 <= w.percentile(50) <= 51 and 94 <= w.percentile(95) <= 96
+    assert health_verdict(96.0, 50.0, None, None).startswith("latency p95 96.0 ms > budget")
+    assert health_verdict(10.0, 50.0, 0.5, 0.7).startswith("probe accuracy 0.500 < 0.700")
+    assert health_verdict(10.0, 50.0, 0.9, 0.7) is None
