@@ -1,30 +1,39 @@
 """The fleet measured end to end: controller, simulated devices and Mosquitto on this machine.
 
-    python bench/fleet_bench.py [--sizes 100,500,1000] [--catalog DIR]
+    python bench/fleet_bench.py [--sizes 100,500,1000] [--catalog DIR] [--variants plain,dedup]
 
 For every fleet size N, in a fresh private broker:
 
 1. Reaction time. The controller runs in this process on its own ClientHost thread; the
    simulated fleet (N real device agents on one ClientHost) runs in a separate spawned process,
-   so the two use both cores. Once every device is HEALTHY on its first model, the battery of
-   every battery-powered device is dropped below the policy's 0.3 threshold, the crossings
-   staggered over `--stagger` seconds (a stream, not one burst); then, after the batteries are
-   restored, once more all at the same instant (the burst). The reaction is what the
-   controller measures (`metrics.reactions_ms`): from the `ts` of the telemetry that reported
-   the crossing to the controller receiving the device's HEALTHY ack. A crossing waits up to
-   one telemetry period (2 s) before any telemetry reports it; that wait is not in the
-   reaction, and is shown separately as "crossing → HEALTHY".
+   so the two use both cores. The fleet connects first (paced: the broker's listen backlog is
+   100; "connect s"), then the controller starts and every device gets its first model. Once
+   all are HEALTHY, the battery of every battery-powered device is dropped below the policy's
+   0.3 threshold, the crossings staggered over `--stagger` seconds in random order (a stream,
+   not one burst); then, after the batteries are restored, once more all at the same instant
+   (the burst). The reaction is what the controller measures (`metrics.reactions_ms`): from
+   the `ts` of the telemetry that reported the crossing to the controller receiving the
+   device's HEALTHY ack. A crossing waits up to one telemetry period (2 s) before any telemetry
+   reports it; that wait is not in the reaction, and is shown separately as "crossing →
+   HEALTHY". Each reaction is also split into legs (controller / delivery / device / ack)
+   from the deployment's SQLite row and the device's own ack times.
 2. Controller intake. The fleet is stopped; a flood process (4 paho clients) publishes valid
    Telemetry JSON, QoS 0, as fast as it can for `--flood-s` seconds, for the stopped fleet's
    device IDs (so the controller plans on every message: twin update, open-deployment lookup
    in SQLite, the planner over the catalog — its real work). The controller and a bare paho
    subscriber that only counts (its own ClientHost thread in this process, so the two share
-   one GIL) both receive it; intake = messages handled per second during the flood window.
+   one GIL) both receive it; intake = messages handled per second during the flood window,
+   also given per CPU-second of each one's thread.
 3. Bytes per adaptation. For each deployment the staggered drop caused: the desired payload
    the controller sent (SQLite `payload_bytes`, plus any segment chunks) against the whole
    model it deploys (catalog `model_bytes`); the median of the per-deployment ratios.
 4. Memory per simulated device: RSS of the fleet process once all N are steady, minus its RSS
-   before any agent was created (torch imported, shared segments loaded), divided by N.
+   before any agent was created (torch imported, shared segments loaded, one verification
+   per anchor run), divided by N.
+
+Variant `dedup` does once per fleet process the work every simulated device repeats
+identically (FLOP counting in verification, re-reading segment files already in the shared
+registry): real devices do it in parallel, one simulator thread does it in series.
 
 Prints markdown tables (the command line first) and writes them into docs/results.md between
 the fleet-bench markers. Targets (figures, not assertions): reaction p99 < 1 s at 1,000
@@ -35,8 +44,8 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import random
@@ -79,8 +88,7 @@ def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     v = sorted(values)
-    k = max(0, min(len(v) - 1, int(round(q / 100 * len(v) + 0.5)) - 1))
-    return v[k]
+    return v[max(0, min(len(v), math.ceil(q / 100 * len(v))) - 1)]
 
 
 def thread_cpu(native_ids) -> list[float]:
@@ -127,8 +135,6 @@ def _fleet_main(conn, cfg: dict) -> None:
     from stitch_lib.catalog import Catalog
 
     n, workdir = cfg["n"], Path(cfg["workdir"])
-    if cfg["memo_flops"]:
-        memoize_flop_count()
     catalog = Catalog.load(cfg["catalog"])
     master = SegmentCache(workdir / "master")
     provision(master, catalog)  # SimFleet finds the master cache already filled
@@ -140,6 +146,8 @@ def _fleet_main(conn, cfg: dict) -> None:
     probe = torch.zeros(2, *AgentConfig.__dataclass_fields__["input_shape"].default)
     for a in catalog.anchors:
         verify(assemble([registry.get(s, master.read(s)) for s in a.segments], None, []), probe)
+    if cfg["dedup"]:
+        dedup_simulated_work(registry)
     rss0 = rss_bytes()
     t_build = time.monotonic()
     fleet = SimFleet(n, cfg["url"], catalog.root, workdir, telemetry_period=cfg["period"],
@@ -229,6 +237,12 @@ def _fleet_main(conn, cfg: dict) -> None:
 
     controller = threading.Thread(target=control, name="fleet-control", daemon=True)
     controller.start()
+    profiler = None
+    if cfg.get("profile"):
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     t0 = time.monotonic()
     fleet.start()  # paced connects, in this (the loop's) thread
     log.info("fleet.start() returned after %.2f s, %d connected", time.monotonic() - t0,
@@ -241,17 +255,23 @@ def _fleet_main(conn, cfg: dict) -> None:
     while not stop.is_set():
         host.run(until=check, timeout=1.0)
     controller.join(5)
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(cfg["profile"])
     fleet.stop()  # death states out, clean disconnects
     host.close()
     conn.send(("stopped", None))
 
 
-def memoize_flop_count() -> None:
-    """Count an assembled model's FLOPs once per distinct model in this process instead of
-    once per device: every agent's verification counts them (torch's FlopCounterMode, most of
-    a swap's CPU), and on one core that work for hundreds of simulated devices queues up,
-    which real devices, each with its own CPU, do not. The counts are the same."""
+def dedup_simulated_work(registry) -> None:
+    """Do once per process the work every simulated device repeats identically, which real
+    devices, each on its own CPU, do in parallel but which queues up here on one core:
+    counting an assembled model's FLOPs (torch's FlopCounterMode in every agent's
+    verification: once per distinct model instead of once per device; the counts are the
+    same) and re-reading segment files whose modules the shared registry already holds (the
+    registry ignores the bytes then)."""
     import device_agent.runtime as runtime
+    from device_agent.cache import SegmentCache
     from stitch_lib.segments import Segment
 
     count, memo = runtime.flops, {}
@@ -273,6 +293,16 @@ def memoize_flop_count() -> None:
         return memo[k]
 
     runtime.flops = flops_once
+    read = SegmentCache.read
+    held = getattr(registry, "_segments", None)  # seg ID → module (the registry's own dict)
+    if not isinstance(held, dict):
+        log.warning("SegmentRegistry has no _segments dict: segment files are re-read")
+        return
+
+    def read_unless_held(cache, seg_id: str) -> bytes:
+        return b"" if seg_id in held else read(cache, seg_id)
+
+    SegmentCache.read = read_unless_held
 
 
 class FleetHandle:
@@ -420,7 +450,8 @@ def call_in_host(host, fn, timeout: float = 10.0):
 
 
 def wait_for(cond, timeout: float, what: str, poll: float = 0.25, strict: bool = True) -> float:
-    """Poll `cond()` until true; returns the seconds it took. PhaseTimeout (or False) after."""
+    """Poll `cond()` until true; returns the seconds it took. At `timeout`: PhaseTimeout, or
+    with strict=False a warning and the seconds waited (the caller checks what it got)."""
     t0 = time.monotonic()
     while True:
         if cond():
@@ -450,10 +481,10 @@ class Run:
     """One fleet size in its own broker, temp dir and processes."""
 
     def __init__(self, n: int, args, ctx, catalog_dir: Path, tmp: Path,
-                 memo_flops: bool = False) -> None:
+                 dedup: bool = False) -> None:
         self.n, self.args, self.ctx, self.catalog_dir, self.tmp = n, args, ctx, catalog_dir, tmp
-        self.memo_flops = memo_flops
-        self.row: dict = {"N": n, "label": f"{n}{' memo' if memo_flops else ''}", "notes": []}
+        self.dedup = dedup
+        self.row: dict = {"N": n, "label": f"{n}{' dedup' if dedup else ''}", "notes": []}
         self.broker = self.fleet = self.host = self.ctl = self.thread = None
 
     def note(self, text: str) -> None:
@@ -488,14 +519,12 @@ class Run:
         self.host = ClientHost()
         self.ctl = Controller(policy, self.tmp / "controller", self.host)
         self.ctl.triggers = self.trigger_log = TriggerLog()  # a record of what it measures from
-        self.thread = run_in_thread(self.host, "controller")
-        self.ctl.start(*parse_url(self.url))
-        wait_for(lambda: self.ctl.client is not None and self.ctl.client.is_connected(), 15,
-                 "controller connected", poll=0.05)
         self.fleet = FleetHandle(self.ctx, dict(
             n=self.n, url=self.url, catalog=str(self.catalog_dir),
             workdir=str(self.tmp / "fleet"), period=self.args.period, seed=self.args.seed,
-            memo_flops=self.memo_flops, log_level=log.getEffectiveLevel()))
+            dedup=self.dedup, log_level=log.getEffectiveLevel(),
+            profile=(str(self.args.profile_fleet / f"fleet-{self.row['label'].replace(' ', '-')}"
+                         ".prof") if self.args.profile_fleet else None)))
         ready = self.fleet.recv("ready", timeout=180 + 0.2 * self.n)
         self.devices = ready["devices"]
         # in a seeded random order, so the stagger does not cross one device class after another
@@ -512,10 +541,29 @@ class Run:
         return len(self.ctl.store.deployments(open_only=True))
 
     def _steady(self) -> None:
+        """Connect the fleet (before the controller, so that the connect time is the
+        connections alone, not the first deployments the simulator runs meanwhile), then start
+        the controller and wait until every device runs its first model."""
+        from fleet_protocol.mqtt import parse_url, run_in_thread
+
         n = self.n
         self.fleet.conn.send(("start",))
-        deadline = self.args.steady_timeout or (60 + 0.1 * n)
         state: dict = {}
+
+        def connected() -> bool:
+            state.update(self._status())
+            return state["connects"] >= n
+
+        wait_for(connected, 60 + 0.05 * n, f"all {n} devices connected", poll=0.1,
+                 strict=False)
+        self.row["connect_s"] = state.get("connect_s")
+        if state.get("connect_s") is None:
+            self.note(f"only {state.get('connects')} of {n} devices connected")
+        self.thread = run_in_thread(self.host, "controller")
+        self.ctl.start(*parse_url(self.url))
+        wait_for(lambda: self.ctl.client is not None and self.ctl.client.is_connected(), 15,
+                 "controller connected", poll=0.05)
+        deadline = self.args.steady_timeout or (60 + 0.2 * n)
 
         def steady() -> bool:
             state.update(self._status())
@@ -524,10 +572,7 @@ class Run:
 
         took = wait_for(steady, deadline, f"all {n} devices HEALTHY on a first model",
                         strict=False)
-        self.row["connect_s"] = state.get("connect_s")
         self.row["steady_s"] = took
-        if state.get("connect_s") is None:
-            self.note(f"only {state.get('connects')} of {n} devices ever connected")
         if state.get("healthy", 0) < n:
             self.note(f"steady state not reached: {state.get('healthy')} of {n} HEALTHY "
                       f"after {took:.0f} s ({state.get('failed')} FAILED acks, "
@@ -740,14 +785,17 @@ class Run:
     def _cleanup(self) -> None:
         if self.fleet is not None:
             self.fleet.close()
-        if self.ctl is not None and self.host is not None:
+        if self.ctl is not None and self.thread is None:  # never started
+            self.ctl.store.close()
+        elif self.ctl is not None:
             try:
                 self.row["ctl_errors"] = self.ctl.stats["errors"]
                 call_in_host(self.host, self.ctl.stop, timeout=10)
                 time.sleep(0.3)  # the offline state and the disconnect go out
             except Exception as exc:
                 log.warning("controller did not stop cleanly: %s", exc)
-                self.ctl.scheduler.shutdown(wait=False)
+                if self.ctl.scheduler.running:
+                    self.ctl.scheduler.shutdown(wait=False)
         if self.host is not None:
             self.host.stop()
             if self.thread is not None:
@@ -846,10 +894,44 @@ def tables(rows: list[dict], args) -> list[str]:
     targets = [t for r in rows for t in (r.get("stagger") or {}).get("targets", [])]
     if targets:
         out.append(f"Adaptations went to: {', '.join(sorted(set(targets)))}.")
+    for variant in dict.fromkeys(r["label"].partition(" ")[2] for r in rows):
+        same = sorted((r for r in rows if r["label"].partition(" ")[2] == variant
+                       and r.get("rss1") and r.get("rss0")), key=lambda r: r["N"])
+        if len(same) >= 2 and same[-1]["N"] > same[0]["N"]:
+            a, b = same[0], same[-1]
+            slope = ((b["rss1"] - b["rss0"]) - (a["rss1"] - a["rss0"])) / (b["N"] - a["N"])
+            out.append(f"Memory{' (' + variant + ')' if variant else ''}: "
+                       f"{slope / 1024:.1f} KB per additional device between N={a['N']} and "
+                       f"N={b['N']} (the KB/device column also spreads the fleet process's "
+                       "fixed growth over N).")
+    out += target_lines(rows)
     for r in rows:
         for note in r["notes"]:
             out.append(f"- N={r['label']}: {note}")
     out.append("")
+    return out
+
+
+def target_lines(rows: list[dict]) -> list[str]:
+    """The targets, checked against the largest fleet of each variant measured."""
+    out = []
+    for r in rows:
+        s, i = r.get("stagger") or {}, r.get("intake") or {}
+        rx, ratios = s.get("reactions") or [], s.get("ratios") or []
+        checks = []
+        if rx:
+            p99 = percentile(rx, 99)
+            checks.append(f"reaction p99 {p99:.0f} ms {'<' if p99 < 1000 else '≥'} 1 s "
+                          f"({'met' if p99 < 1000 else 'NOT met'})")
+        if i.get("ratio") is not None:
+            checks.append(f"intake {i['ratio']:.2f} {'≥' if i['ratio'] >= 0.5 else '<'} 0.5 "
+                          f"({'met' if i['ratio'] >= 0.5 else 'NOT met'})")
+        if ratios:
+            med = statistics.median(ratios)
+            checks.append(f"median adaptation {med:.2%} {'<' if med < 0.02 else '≥'} 2% "
+                          f"({'met' if med < 0.02 else 'NOT met'})")
+        if checks:
+            out.append(f"- Targets at N={r['label']}: " + "; ".join(checks) + ".")
     return out
 
 
@@ -914,10 +996,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reconcile-s", type=float, default=5.0,
                    help="the controller's periodic reconcile-all interval")
     p.add_argument("--steady-timeout", type=float, default=None,
-                   help="seconds to wait for all devices HEALTHY (default 60 + 0.1 N)")
-    p.add_argument("--memo-flops", action="store_true",
-                   help="also run every size with the simulated devices' FLOP counting done "
-                        "once per distinct model instead of once per device (rows 'N memo')")
+                   help="seconds to wait for all devices HEALTHY (default 60 + 0.2 N)")
+    p.add_argument("--variants", default="plain",
+                   help="plain (the agents as they are) and/or dedup (the simulator's "
+                        "identical per-device work done once per process: FLOP counting, "
+                        "segment re-reads; rows 'N dedup'), comma-separated")
+    p.add_argument("--profile-fleet", type=Path, default=None, metavar="DIR",
+                   help="write a cProfile of each fleet process's loop thread into DIR")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workroot", type=Path,
                    default=Path("/dev/shm") if Path("/dev/shm").is_dir() else None,
@@ -929,6 +1014,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose > 1 else logging.INFO)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not variants or set(variants) - {"plain", "dedup"}:
+        p.error(f"--variants: plain and/or dedup, not {args.variants!r}")
     catalog = args.catalog or ROOT / ".restnet" / "catalog"
     if not (catalog / "catalog.json").is_file():
         p.error(f"no catalog at {catalog}: build one with `restnet catalog build` or pass "
@@ -943,11 +1031,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     try:
         for n in sizes:
-            for memo in (False, True) if args.memo_flops else (False,):
+            for dedup in [v == "dedup" for v in variants]:
                 with tempfile.TemporaryDirectory(prefix=f"fleet-bench-{n}-",
                                                  dir=args.workroot) as tmp:
-                    log.info("=== N=%d%s (catalog %s) ===", n, " memo" if memo else "", catalog)
-                    rows.append(Run(n, args, ctx, catalog, Path(tmp), memo).execute())
+                    log.info("=== N=%d%s (catalog %s) ===", n, " dedup" if dedup else "",
+                             catalog)
+                    rows.append(Run(n, args, ctx, catalog, Path(tmp), dedup).execute())
     except KeyboardInterrupt:
         log.error("interrupted; reporting what was measured")
     total = time.monotonic() - t0

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 from pathlib import Path
 
-from fleet_protocol.mqtt import ClientHost, parse_url
+from fleet_protocol.mqtt import ClientHost, parse_url, serve
 from stitch_lib.catalog import Catalog
 
 from .agent import Agent, AgentConfig
@@ -35,13 +34,7 @@ def main(argv: list[str]) -> int:
                               username=args.username, password=args.password),
                   PsutilResources(args.device_class), host)
     agent.start(*parse_url(args.broker))
-    signal.signal(signal.SIGTERM, lambda *_: host.stop())
-    try:
-        host.run()
-    except KeyboardInterrupt:
-        pass
-    agent.stop()
-    host.run(timeout=1.0)
+    serve(host, agent.stop)
     return 0
 
 

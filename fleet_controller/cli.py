@@ -4,10 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 from pathlib import Path
 
-from fleet_protocol.mqtt import ClientHost, parse_url
+from fleet_protocol.mqtt import ClientHost, parse_url, serve
 
 from .policy import PolicyError, load_policy, policy_schema
 
@@ -32,13 +31,7 @@ def main(argv: list[str]) -> int:
     except (PolicyError, FileNotFoundError) as exc:
         raise SystemExit(f"restnet controller: {exc}") from exc
     ctl.start(*parse_url(args.broker))
-    signal.signal(signal.SIGTERM, lambda *_: host.stop())
-    try:
-        host.run()
-    except KeyboardInterrupt:
-        pass
-    ctl.stop()
-    host.run(timeout=1.0)
+    serve(host, ctl.stop)
     return 0
 
 

@@ -27,7 +27,8 @@ from .artifacts import Artifacts
 from .finetune import Finetuner
 from .planner import Candidate, Twin, learn_speed, plan
 from .policy import FleetPolicy, PolicyError, effective_rule, load_policy
-from .store import Deployment, Store
+from .rollout import SENT, WaveState, next_wave
+from .store import OPEN, Deployment, Store
 
 log = logging.getLogger(__name__)
 DEPLOY_TIMEOUT_S = 60.0  # an open deployment of an online device older than this is abandoned
@@ -69,6 +70,11 @@ class Controller:
         self.running_artifact: dict[str, str] = {}  # device → stitch artifact it runs
         self.finetune_queue: set[str] = set()
         self.stopped = False
+        # a policy change rolls out in waves: devices not yet released keep the old policy
+        self.old_policy: FleetPolicy | None = None
+        self.rollout: WaveState | None = None
+        self.rollout_note = ""
+        self._rollout_t0, self._wave_at, self.released = 0.0, None, set()
         self._refresh_candidates()
         for device_id, doc in self.store.twins().items():
             doc["cached"] = frozenset(doc.get("cached", ()))
@@ -97,6 +103,8 @@ class Controller:
                                replace_existing=True)
         self.scheduler.add_job(self._finetune_next, "interval", seconds=1, id="finetune",
                                replace_existing=True)
+        self.scheduler.add_job(lambda: self.host.submit(self._advance_rollout), "interval",
+                               seconds=1, id="rollout", replace_existing=True)
         self.scheduler.start()
 
     def stop(self) -> None:
@@ -240,7 +248,10 @@ class Controller:
             if now - dep.updated < DEPLOY_TIMEOUT_S:
                 return  # one deployment at a time per device
             self.store.update_deployment(dep.id, "TIMEOUT", now, "no progress")
-        rule = effective_rule(self.policy, device, twin.device_class, twin.tags)
+        policy = self.policy
+        if self.rollout is not None and device not in self.released:
+            policy = self.old_policy  # not in a wave yet: the old policy still applies
+        rule = effective_rule(policy, device, twin.device_class, twin.tags)
         avoid = {h for h, until in self.avoid[device].items() if until > now}
         decision = plan(twin, [c for c in self.candidates if c.id not in avoid], rule, now)
         if decision.target is None:
@@ -292,9 +303,43 @@ class Controller:
         self.host.submit(lambda: self._set_policy(policy))
 
     def _set_policy(self, policy: FleetPolicy) -> None:
+        """A new policy reaches the online devices in waves (`rollout` in fleet.yaml)."""
+        if self.rollout is None:
+            self.old_policy = self.policy
         self.policy = policy
-        log.info("policy reloaded from %s", self.policy_path)
-        self._reconcile_all()
+        now = self.clock()
+        online = tuple(sorted(d for d, t in self.twins.items() if t.online))
+        self.rollout, self.released = WaveState(online, {}, {}), set()
+        self.rollout_note = ""
+        self._rollout_t0, self._wave_at = now, None
+        log.info("policy reloaded from %s; rolling out to %d devices", self.policy_path,
+                 len(online))
+        self._advance_rollout()
+
+    def _advance_rollout(self) -> None:
+        """Release the next wave when it is due, or stop on too many failures."""
+        if self.rollout is None or self.stopped or self.rollout_note.startswith("aborted"):
+            return
+        now, status = self.clock(), {}
+        for d in self.released:
+            deps = [x for x in self.store.deployments(d) if x.created >= self._rollout_t0]
+            last = deps[-1].status if deps else "HEALTHY"  # nothing to change: done
+            status[d] = SENT if last in OPEN else last
+        self.rollout = WaveState(self.rollout.devices, {}, status)
+        batch, self.rollout_note = next_wave(self.rollout, self.policy.rollout, now,
+                                             self._wave_at)
+        if batch:
+            self._wave_at = now
+            self.released |= set(batch)
+            self.store.event(now, None, "rollout", self.rollout_note)
+            for d in batch:
+                self._reconcile(d, now)
+        elif self.rollout_note == "done":
+            self.rollout = self.old_policy = None
+        elif self.rollout_note.startswith("aborted"):
+            self.store.event(now, None, "rollout", self.rollout_note)
+            log.error("policy rollout %s; devices not yet released keep the old policy",
+                      self.rollout_note)
 
     def _finetune_next(self) -> None:
         if not self.finetune_queue:

@@ -12,6 +12,7 @@ import itertools
 import logging
 import random
 import selectors
+import signal
 import socket
 import threading
 import time
@@ -347,6 +348,18 @@ class ClientHost:
             self._sel.unregister(sock)
         except (KeyError, ValueError):
             pass  # never registered, or already gone
+
+
+def serve(host: ClientHost, on_exit: Callable[[], None]) -> None:
+    """Run `host` in this thread until SIGTERM or Ctrl-C, then `on_exit()` and a last flush
+    (how a board's agent and a controller process run)."""
+    signal.signal(signal.SIGTERM, lambda *_: host.stop())
+    try:
+        host.run()
+    except KeyboardInterrupt:
+        pass
+    on_exit()
+    host.run(timeout=1.0)
 
 
 def run_in_thread(host: ClientHost, name: str = "mqtt-host") -> threading.Thread:

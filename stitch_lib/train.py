@@ -83,6 +83,16 @@ def _cosine(opt: torch.optim.Optimizer, total: int, warmup: int) -> torch.optim.
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def _step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched, progress: Progress | None,
+          task) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    if progress:
+        progress.advance(task)
+
+
 def train_anchor(model: nn.Module, splits: DataSplits, cfg: TrainConfig,
                  progress: Progress | None = None, label: str = "anchor") -> TrainResult:
     """Train a whole model from scratch (cross-entropy, AdamW, cosine schedule)."""
@@ -98,12 +108,7 @@ def train_anchor(model: nn.Module, splits: DataSplits, cfg: TrainConfig,
         model.train()
         for x, y in train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed + epoch):
             loss = F.cross_entropy(model(_augment(x, g)), y, label_smoothing=0.1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if progress:
-                progress.advance(task)
+            _step(loss, opt, sched, progress, task)
         history.append(evaluate(model, splits.val))
         log.info("%s epoch %d: val acc %.4f", label, epoch + 1, history[-1])
     model.eval()
@@ -166,12 +171,7 @@ def _fit(hybrid: Hybrid, splits: DataSplits, cfg: TrainConfig, scope: str,
                 kd = F.kl_div(F.log_softmax(logits, 1), F.softmax(t_logits[idx], 1),
                               reduction="batchmean")
                 loss = (1 - cfg.distill) * loss + cfg.distill * kd
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if progress:
-                progress.advance(task)
+            _step(loss, opt, sched, progress, task)
         history.append(evaluate(head, val))
         if history[-1] > best:
             best, stale = history[-1], 0

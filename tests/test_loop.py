@@ -248,3 +248,27 @@ def test_ls_hybrid_is_deployed_then_its_finetuned_stitch_follows(broker, catalog
         assert agent.slot.get().desired.stitch.sha256 != agent.slot.previous.desired.stitch.sha256
     finally:
         lp.close()
+
+
+def test_a_policy_change_rolls_out_in_waves(broker, catalog, tmp_path):
+    lp = Loop(broker, catalog, tmp_path)
+    doc = yaml.safe_load(lp.policy.read_text())
+    doc["rollout"] = {"waves": [25, 100], "wave_interval_s": 2, "max_failure_percent": 50}
+    lp.policy.write_text(yaml.safe_dump(doc))
+    try:
+        ctl = lp.start_controller()
+        agents = [lp.add_agent(f"rpi4-10{k}") for k in range(4)]
+        lp.run_until(lambda: ctl.metrics.adaptations >= 4)
+        doc["defaults"]["objective"] = "min_energy"  # the operator edits fleet.yaml
+        lp.policy.write_text(yaml.safe_dump(doc))
+        t_edit = time.time()
+        lp.run_until(lambda: ctl.metrics.adaptations >= 8 and ctl.rollout is None, timeout=30)
+        second = sorted(d.created for d in ctl.store.deployments() if d.created > t_edit)
+        assert len(second) == 4
+        assert second[1] - second[0] >= 1.5  # wave 1 (25% = 1 device), then the rest
+        assert all(lp.running(a.cfg.device_id) == min(
+            (e for e in catalog.entries if e.stitch_state != "ls"), key=lambda e: e.flops).id
+            for a in agents)
+        assert any("wave 1/2" in e[3] for e in ctl.store.events())
+    finally:
+        lp.close()
