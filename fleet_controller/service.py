@@ -76,6 +76,10 @@ class Controller:
         self.rollout_note = ""
         self._rollout_t0, self._wave_at, self.released = 0.0, None, set()
         self._refresh_candidates()
+        # the one open deployment per device, mirrored in memory (telemetry is the hot path)
+        self.open: dict[str, Deployment] = {d.device_id: d for d in
+                                            self.store.deployments(open_only=True)}
+        self._rules: dict[tuple, object] = {}  # effective rules, per policy and device
         for device_id, doc in self.store.twins().items():
             doc["cached"] = frozenset(doc.get("cached", ()))
             self.twins[device_id] = Twin(**doc)
@@ -178,10 +182,10 @@ class Controller:
             twin.cached = frozenset(s.segments)
             if s.hybrid != twin.running:
                 twin.running, twin.since = s.hybrid, now
-            for dep in self.store.deployments(device, open_only=True):
-                if s.generation >= dep.generation:  # settled while we were away
-                    status = "HEALTHY" if s.hybrid == dep.hybrid else "FAILED"
-                    self.store.update_deployment(dep.id, status, now, "settled by device state")
+            dep = self.open.get(device)
+            if dep is not None and s.generation >= dep.generation:  # settled while we were away
+                status = "HEALTHY" if s.hybrid == dep.hybrid else "FAILED"
+                self._settle(dep, status, now, "settled by device state")
         self._save_twin(twin)
 
     def _on_telemetry(self, device: str, m: Telemetry, now: float) -> None:
@@ -197,14 +201,12 @@ class Controller:
     def _on_ack(self, device: str, a: Ack, now: float) -> None:
         if a.device_id != device:
             raise ProtocolError(f"ack for {a.device_id} on {device}'s topic")
-        deps = {d.id: d for d in self.store.deployments(device)}
-        dep = deps.get(a.deployment_id)
-        if dep is None or dep.generation != a.generation:
-            self.stats["unknown_ack"] += 1
+        dep = self.open.get(device)
+        if dep is None or dep.id != a.deployment_id or dep.generation != a.generation:
+            known = any(d.id == a.deployment_id for d in self.store.deployments(device))
+            self.stats["late_ack" if known else "unknown_ack"] += 1
             return
-        if not dep.open:
-            return  # a late or repeated ack
-        self.store.update_deployment(dep.id, a.status, now, a.reason or "")
+        self._settle(dep, a.status, now, a.reason or "")
         twin = self._twin(device)
         if a.status == "HEALTHY":
             twin.running, twin.since = dep.hybrid, now
@@ -219,6 +221,19 @@ class Controller:
             self.metrics.failures += a.status == "FAILED"
             self.avoid[device][dep.hybrid] = now + AVOID_S
             self.store.event(now, device, "failed", f"{dep.id}: {a.reason}")
+
+    def _settle(self, dep: Deployment, status: str, now: float, reason: str) -> None:
+        """Record a deployment's new status; a final one closes it."""
+        dep.status, dep.updated = status, now
+        self.store.update_deployment(dep.id, status, now, reason)
+        if not dep.open:
+            self.open.pop(dep.device_id, None)
+
+    def _rule(self, policy: FleetPolicy, device: str, twin: Twin):
+        key = (id(policy), device, twin.device_class, tuple(sorted(twin.tags.items())))
+        if key not in self._rules:
+            self._rules[key] = effective_rule(policy, device, twin.device_class, twin.tags)
+        return self._rules[key]
 
     def _on_art_req(self, device: str, r: ArtifactRequest) -> None:
         first = self.artifacts.chunk(r.artifact, 0, r.chunk_size)
@@ -244,14 +259,15 @@ class Controller:
         twin = self._twin(device)
         if not twin.online:
             return
-        for dep in self.store.deployments(device, open_only=True):
+        dep = self.open.get(device)
+        if dep is not None:
             if now - dep.updated < DEPLOY_TIMEOUT_S:
                 return  # one deployment at a time per device
-            self.store.update_deployment(dep.id, "TIMEOUT", now, "no progress")
+            self._settle(dep, "TIMEOUT", now, "no progress")
         policy = self.policy
         if self.rollout is not None and device not in self.released:
             policy = self.old_policy  # not in a wave yet: the old policy still applies
-        rule = effective_rule(policy, device, twin.device_class, twin.tags)
+        rule = self._rule(policy, device, twin)
         avoid = {h for h, until in self.avoid[device].items() if until > now}
         decision = plan(twin, [c for c in self.candidates if c.id not in avoid], rule, now)
         if decision.target is None:
@@ -278,8 +294,10 @@ class Controller:
             min_accuracy=max(0.0, rule.min_accuracy - PROBE_SLACK) or None, ts=now,
             reason=reason)
         payload = encode(desired)
-        self.store.add_deployment(Deployment(desired.deployment_id, device, generation, entry.id,
-                                             "sent", reason, now, now, len(payload)))
+        dep = Deployment(desired.deployment_id, device, generation, entry.id, "sent", reason,
+                         now, now, len(payload))
+        self.store.add_deployment(dep)
+        self.open[device] = dep
         self.client.publish(self.t.desired(device), payload, qos=1, retain=True)
         self.metrics.desired_bytes += len(payload)
         self.metrics.whole_model_bytes += entry.model_bytes
@@ -307,6 +325,7 @@ class Controller:
         if self.rollout is None:
             self.old_policy = self.policy
         self.policy = policy
+        self._rules.clear()
         now = self.clock()
         online = tuple(sorted(d for d, t in self.twins.items() if t.online))
         self.rollout, self.released = WaveState(online, {}, {}), set()
