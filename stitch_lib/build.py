@@ -63,6 +63,19 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
+def to_finetune(entries: list[Entry], mode: str) -> set[str]:
+    """Names of the hybrids whose stitch `mode` fine-tunes: all of them, none, or those on the
+    Pareto frontier of validation accuracy (after LS init) against latency — decided before
+    the test split is used."""
+    hybrids = [e for e in entries if e.kind == "hybrid"]
+    if mode == "none":
+        return set()
+    if mode == "all":
+        return {e.name for e in hybrids}
+    by_val = [Entry(**{**vars(e), "test_acc": e.val_acc}) for e in entries]
+    return {e.name for e in pareto(by_val) if e.kind == "hybrid"}
+
+
 def _kind(segments: list[Segment]) -> str:
     return "ViT" if is_transformer(segments) else "CNN"
 
@@ -157,12 +170,10 @@ def build_catalog(anchors: list[Anchor], splits: DataSplits, catalog: Catalog,
         entries[-1].ls_test_acc = entries[-1].test_acc
 
     if cfg.finetune != "none":
-        # The frontier is decided on validation accuracy after LS init, before any test use.
-        by_val = [Entry(**{**vars(e), "test_acc": e.val_acc}) for e in entries]
-        chosen = {e.name for e in pareto(by_val)} if cfg.finetune == "frontier" else None
+        chosen = to_finetune(entries, cfg.finetune)
         cache = FrontCache()
         for (h, _), e in zip(hybrids, entries[len(anchors):]):
-            if chosen is not None and e.name not in chosen:
+            if e.name not in chosen:
                 continue
             res = finetune_stitch(h, splits, cfg.ft, cache=cache, progress=progress)
             e.val_acc, e.test_acc, e.stitch_state = res.val_acc, evaluate(h, splits.test), "finetuned"

@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 from conftest import TINY_VIT
 from stitch_lib import Catalog, Entry, pareto
 from stitch_lib import split_model
-from stitch_lib.build import BuildConfig, load_anchor_model, load_hybrid
+from stitch_lib.build import BuildConfig, load_anchor_model, load_hybrid, to_finetune
 from stitch_lib.train import TrainConfig, evaluate
 from stitch_lib.zoo import AnchorSpec, ZooSpec, build_zoo, load_anchor
 
@@ -26,7 +26,7 @@ def built(splits, tmp_path_factory):
     from stitch_lib.build import build_catalog
     root = tmp_path_factory.mktemp("cat")
     anchors = build_zoo(ZooSpec.from_dict(TINY_ZOO), splits, root / "anchors")
-    cfg = BuildConfig(top_k=2, screen=3, finetune="frontier", latency_rounds=3,
+    cfg = BuildConfig(top_k=2, screen=3, finetune="all", latency_rounds=3,
                       ft=TrainConfig(epochs=1, lr=1e-3, n_train=300))
     return anchors, build_catalog(anchors, splits, Catalog(root / "catalog"), cfg)
 
@@ -41,7 +41,8 @@ def test_catalog_holds_measured_anchors_and_hybrids(built):
         assert e.flops > 0 and e.latency_ms > 0 and e.act_peak_bytes > 0 and e.params > 0
         assert 0 <= e.test_acc <= 1 and e.cka is not None and e.ls_val_acc is not None
         assert e.segments and e.direction in ("large→small", "small→large")
-    assert any(e.stitch_state == "finetuned" for e in cat.hybrids)
+    assert all(e.stitch_state == "finetuned" for e in cat.hybrids)
+    assert all(e.val_acc >= e.ls_val_acc for e in cat.hybrids)  # the LS start is kept if best
     reloaded = Catalog.load(cat.root)
     assert [e.name for e in reloaded.entries] == [e.name for e in cat.entries]
     assert json.loads((cat.root / "catalog.json").read_text())["meta"]["candidates"]
@@ -70,6 +71,16 @@ def test_tampered_artifact_is_refused(built):
 def entry(name, acc, lat):
     return Entry(id=name, name=name, kind="hybrid", test_acc=acc, params=1, flops=1,
                  act_peak_bytes=1, latency_ms=lat, model_bytes=1, segments=[])
+
+
+def test_frontier_mode_finetunes_the_validation_frontier():
+    es = [entry("a", 0.0, 10), entry("b", 0.0, 5), entry("c", 0.0, 6)]
+    for e, val in zip(es, (0.9, 0.8, 0.7)):
+        e.val_acc = val  # test accuracy is not looked at
+    es.append(Entry(id="x", name="x", kind="anchor", test_acc=0.0, params=1, flops=1,
+                    act_peak_bytes=1, latency_ms=1, model_bytes=1, segments=[], val_acc=0.75))
+    assert to_finetune(es, "frontier") == {"a", "b"}  # c is dominated by b; x is an anchor
+    assert to_finetune(es, "all") == {"a", "b", "c"} and to_finetune(es, "none") == set()
 
 
 def test_pareto_frontier():
