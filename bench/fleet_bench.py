@@ -1,6 +1,6 @@
 """The fleet measured end to end: controller, simulated devices and Mosquitto on this machine.
 
-    python bench/fleet_bench.py [--sizes 100,500,1000] [--catalog DIR] [--variants plain,dedup]
+    python bench/fleet_bench.py [--sizes 100,500,1000] [--catalog DIR]
 
 For every fleet size N, in a fresh private broker:
 
@@ -30,10 +30,6 @@ For every fleet size N, in a fresh private broker:
 4. Memory per simulated device: RSS of the fleet process once all N are steady, minus its RSS
    before any agent was created (torch imported, shared segments loaded, one verification
    per anchor run), divided by N.
-
-Variant `dedup` does once per fleet process the work every simulated device repeats
-identically (FLOP counting in verification, re-reading segment files already in the shared
-registry): real devices do it in parallel, one simulator thread does it in series.
 
 Prints markdown tables (the command line first) and writes them into docs/results.md between
 the fleet-bench markers. Targets (figures, not assertions): reaction p99 < 1 s at 1,000
@@ -140,14 +136,13 @@ def _fleet_main(conn, cfg: dict) -> None:
     provision(master, catalog)  # SimFleet finds the master cache already filled
     registry = SegmentRegistry()  # the shared segment modules, loaded before the baseline
     for seg_id in master.ids():
-        registry.get(seg_id, master.read(seg_id))
+        registry.get(seg_id, lambda: master.read(seg_id))
     # one forward pass per anchor, as an agent's verification does: torch's one-time
     # allocations belong to the baseline, not to the devices
     probe = torch.zeros(2, *AgentConfig.__dataclass_fields__["input_shape"].default)
     for a in catalog.anchors:
-        verify(assemble([registry.get(s, master.read(s)) for s in a.segments], None, []), probe)
-    if cfg["dedup"]:
-        dedup_simulated_work(registry)
+        verify(assemble([registry.get(s, lambda: master.read(s)) for s in a.segments], None, []),
+               probe)
     rss0 = rss_bytes()
     t_build = time.monotonic()
     fleet = SimFleet(n, cfg["url"], catalog.root, workdir, telemetry_period=cfg["period"],
@@ -261,48 +256,6 @@ def _fleet_main(conn, cfg: dict) -> None:
     fleet.stop()  # death states out, clean disconnects
     host.close()
     conn.send(("stopped", None))
-
-
-def dedup_simulated_work(registry) -> None:
-    """Do once per process the work every simulated device repeats identically, which real
-    devices, each on its own CPU, do in parallel but which queues up here on one core:
-    counting an assembled model's FLOPs (torch's FlopCounterMode in every agent's
-    verification: once per distinct model instead of once per device; the counts are the
-    same) and re-reading segment files whose modules the shared registry already holds (the
-    registry ignores the bytes then)."""
-    import device_agent.runtime as runtime
-    from device_agent.cache import SegmentCache
-    from stitch_lib.segments import Segment
-
-    count, memo = runtime.flops, {}
-
-    def key(module, x) -> tuple:
-        parts = []
-        for m in module.children():
-            if isinstance(m, Segment):
-                parts.append(id(m))  # shared through the registry, alive for the whole run
-            else:  # a stitch, built per device: its type and tensor shapes
-                parts.append((type(m).__name__,
-                              tuple((k, tuple(v.shape)) for k, v in m.state_dict().items())))
-        return tuple(parts), tuple(x.shape)
-
-    def flops_once(module, x) -> int:
-        k = key(module, x)
-        if k not in memo:
-            memo[k] = count(module, x)
-        return memo[k]
-
-    runtime.flops = flops_once
-    read = SegmentCache.read
-    held = getattr(registry, "_segments", None)  # seg ID → module (the registry's own dict)
-    if not isinstance(held, dict):
-        log.warning("SegmentRegistry has no _segments dict: segment files are re-read")
-        return
-
-    def read_unless_held(cache, seg_id: str) -> bytes:
-        return b"" if seg_id in held else read(cache, seg_id)
-
-    SegmentCache.read = read_unless_held
 
 
 class FleetHandle:
@@ -480,11 +433,9 @@ class TriggerLog(dict):
 class Run:
     """One fleet size in its own broker, temp dir and processes."""
 
-    def __init__(self, n: int, args, ctx, catalog_dir: Path, tmp: Path,
-                 dedup: bool = False) -> None:
+    def __init__(self, n: int, args, ctx, catalog_dir: Path, tmp: Path) -> None:
         self.n, self.args, self.ctx, self.catalog_dir, self.tmp = n, args, ctx, catalog_dir, tmp
-        self.dedup = dedup
-        self.row: dict = {"N": n, "label": f"{n}{' dedup' if dedup else ''}", "notes": []}
+        self.row: dict = {"N": n, "label": str(n), "notes": []}
         self.broker = self.fleet = self.host = self.ctl = self.thread = None
 
     def note(self, text: str) -> None:
@@ -522,7 +473,7 @@ class Run:
         self.fleet = FleetHandle(self.ctx, dict(
             n=self.n, url=self.url, catalog=str(self.catalog_dir),
             workdir=str(self.tmp / "fleet"), period=self.args.period, seed=self.args.seed,
-            dedup=self.dedup, log_level=log.getEffectiveLevel(),
+            log_level=log.getEffectiveLevel(),
             profile=(str(self.args.profile_fleet / f"fleet-{self.row['label'].replace(' ', '-')}"
                          ".prof") if self.args.profile_fleet else None)))
         ready = self.fleet.recv("ready", timeout=180 + 0.2 * self.n)
@@ -997,10 +948,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="the controller's periodic reconcile-all interval")
     p.add_argument("--steady-timeout", type=float, default=None,
                    help="seconds to wait for all devices HEALTHY (default 60 + 0.2 N)")
-    p.add_argument("--variants", default="plain",
-                   help="plain (the agents as they are) and/or dedup (the simulator's "
-                        "identical per-device work done once per process: FLOP counting, "
-                        "segment re-reads; rows 'N dedup'), comma-separated")
     p.add_argument("--profile-fleet", type=Path, default=None, metavar="DIR",
                    help="write a cProfile of each fleet process's loop thread into DIR")
     p.add_argument("--seed", type=int, default=0)
@@ -1014,9 +961,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose > 1 else logging.INFO)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if not variants or set(variants) - {"plain", "dedup"}:
-        p.error(f"--variants: plain and/or dedup, not {args.variants!r}")
     catalog = args.catalog or ROOT / ".restnet" / "catalog"
     if not (catalog / "catalog.json").is_file():
         p.error(f"no catalog at {catalog}: build one with `restnet catalog build` or pass "
@@ -1031,12 +975,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     try:
         for n in sizes:
-            for dedup in [v == "dedup" for v in variants]:
-                with tempfile.TemporaryDirectory(prefix=f"fleet-bench-{n}-",
-                                                 dir=args.workroot) as tmp:
-                    log.info("=== N=%d%s (catalog %s) ===", n, " dedup" if dedup else "",
-                             catalog)
-                    rows.append(Run(n, args, ctx, catalog, Path(tmp), dedup).execute())
+            with tempfile.TemporaryDirectory(prefix=f"fleet-bench-{n}-",
+                                             dir=args.workroot) as tmp:
+                log.info("=== N=%d (catalog %s) ===", n, catalog)
+                rows.append(Run(n, args, ctx, catalog, Path(tmp)).execute())
     except KeyboardInterrupt:
         log.error("interrupted; reporting what was measured")
     total = time.monotonic() - t0

@@ -26,6 +26,7 @@ from fleet_protocol.messages import (Ack, ArtifactChunk, ArtifactRequest, Desire
                                      Rebirth, State, Telemetry, decode, encode)
 from fleet_protocol.mqtt import ClientHost, make_client
 from fleet_protocol.topics import Topics
+from stitch_lib.cost import flops
 
 from .cache import SegmentCache, SegmentRegistry, atomic_write
 from .resources import Resources
@@ -246,7 +247,7 @@ class Agent:
 
     def _segment(self, seg_id: str):
         try:
-            return self.registry.get(seg_id, self.cache.read(seg_id))
+            return self.registry.get(seg_id, lambda: self.cache.read(seg_id))
         except codec.ArtifactError:
             self.cache.discard(seg_id)  # a bad artifact is fetched afresh next time
             raise
@@ -259,7 +260,10 @@ class Agent:
         if (stitch is None) != (not d.back):
             raise ValueError("a hybrid needs a stitch and back segments; an anchor neither")
         module = assemble(front, stitch, back)
-        return Loaded(module, d, verify(module, self.probe, self.cfg.num_classes))
+        verify(module, self.probe, self.cfg.num_classes)
+        arch = (tuple(d.front), tuple(d.back),
+                d.stitch.model_dump_json(include={"src", "dst"}) if d.stitch else None)
+        return Loaded(module, d, self.registry.flops(arch, lambda: flops(module, self.probe[:1])))
 
     def _apply(self, d: Desired) -> None:
         self.pending = None

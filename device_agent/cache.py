@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -122,17 +123,26 @@ class SegmentRegistry:
         self._segments: dict[str, Segment] = {}
         # recipe → architecture instances, each with the segment slots already loaded
         self._skeletons: dict[str, list[tuple[list[Segment], set[int]]]] = {}
+        self._flops: dict[tuple, int] = {}  # per architecture of an assembled model
 
-    def get(self, seg_id: str, blob: bytes) -> Segment:
-        """The segment `seg_id`, rebuilt from its artifact `blob` the first time."""
+    def get(self, seg_id: str, read: Callable[[], bytes]) -> Segment:
+        """The segment `seg_id`, rebuilt the first time from the artifact `read()` returns."""
         with self._lock:
             if seg_id not in self._segments:
+                blob = read()
                 tensors, meta = codec.unpack_segment(blob, codec.sha256_hex(blob))
                 seg = self._load(meta, tensors)
                 if seg.segment_id() != seg_id:
                     raise codec.ArtifactError(f"artifact does not rebuild segment {seg_id[:12]}")
                 self._segments[seg_id] = seg
             return self._segments[seg_id]
+
+    def flops(self, key: tuple, count: Callable[[], int]) -> int:
+        """FLOPs of an assembled model, counted once per architecture `key` per process."""
+        with self._lock:
+            if key not in self._flops:
+                self._flops[key] = count()
+            return self._flops[key]
 
     def _load(self, meta: dict, tensors: dict[str, np.ndarray]) -> Segment:
         key, index = json.dumps(meta["recipe"], sort_keys=True), int(meta["index"])

@@ -18,7 +18,6 @@ from torch import nn
 
 from fleet_protocol import codec
 from fleet_protocol.messages import Desired, StitchDelta
-from stitch_lib.cost import flops
 from stitch_lib.segments import Port, Segment
 from stitch_lib.stitch import Stitch
 
@@ -63,15 +62,14 @@ def assemble(front: list[Segment], stitch: Stitch | None, back: list[Segment]) -
 
 
 @torch.no_grad()
-def verify(module: nn.Module, probe: torch.Tensor, num_classes: int | None = None) -> int:
-    """Run the new model once on probe inputs before it may serve; returns its FLOPs.
-    Raises ValueError when outputs are not finite or have the wrong shape."""
+def verify(module: nn.Module, probe: torch.Tensor, num_classes: int | None = None) -> None:
+    """Run the new model once on probe inputs before it may serve. Raises ValueError when
+    outputs are not finite or have the wrong shape."""
     out = module(probe[:2])
     if out.ndim != 2 or (num_classes is not None and out.shape[1] != num_classes):
         raise ValueError(f"model outputs shape {tuple(out.shape)}, expected (N, {num_classes})")
     if not torch.isfinite(out).all():
         raise ValueError("model outputs are not finite")
-    return flops(module, probe[:1])
 
 
 class ModelSlot:

@@ -99,6 +99,22 @@ class Decision:
     rule: ResolvedRule | None = None  # the rule as the mode bent it: health-check thresholds
 
 
+def plan_inputs(twin: Twin) -> tuple:
+    """What `plan` reads from a twin, quantised (battery and memory to 1%, temperature to
+    1 °C, learned speed and latencies to 2 significant digits). Equal inputs give an equal
+    decision at the same time; only time (dwell) can change it, which the periodic
+    reconcile covers — so telemetry with unchanged inputs need not be planned again."""
+    def q(x: float | None) -> str:
+        return "" if x is None else f"{x:.2g}"
+
+    mem = None if twin.mem_free_mb is None or not twin.mem_mb else \
+        round(twin.mem_free_mb / twin.mem_mb, 2)
+    return (twin.running, twin.online, None if twin.battery is None else round(twin.battery, 2),
+            twin.charging, None if twin.temp_c is None else round(twin.temp_c), mem,
+            q(twin.speed), q(twin.lat_p50_ms), q(twin.lat_p95_ms), twin.device_class,
+            tuple(sorted(twin.tags.items())))
+
+
 def _clamp(x: float, lo: float, hi: float) -> float:
     return min(max(x, lo), hi)
 

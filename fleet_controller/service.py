@@ -25,7 +25,7 @@ from stitch_lib.catalog import Catalog, Entry
 
 from .artifacts import Artifacts
 from .finetune import Finetuner
-from .planner import Candidate, Twin, learn_speed, plan
+from .planner import Candidate, Twin, learn_speed, plan, plan_inputs
 from .policy import FleetPolicy, PolicyError, effective_rule, load_policy
 from .rollout import SENT, WaveState, next_wave
 from .store import OPEN, Deployment, Store
@@ -80,6 +80,7 @@ class Controller:
         self.open: dict[str, Deployment] = {d.device_id: d for d in
                                             self.store.deployments(open_only=True)}
         self._rules: dict[tuple, object] = {}  # effective rules, per policy and device
+        self._planned: dict[str, tuple] = {}  # device → plan inputs last planned on
         for device_id, doc in self.store.twins().items():
             doc["cached"] = frozenset(doc.get("cached", ()))
             self.twins[device_id] = Twin(**doc)
@@ -264,6 +265,12 @@ class Controller:
             if now - dep.updated < DEPLOY_TIMEOUT_S:
                 return  # one deployment at a time per device
             self._settle(dep, "TIMEOUT", now, "no progress")
+        if trigger is not None:  # telemetry: plan again only if what plan() reads changed
+            inputs = plan_inputs(twin)
+            if self._planned.get(device) == inputs:
+                self.stats["plan_skipped"] += 1
+                return
+            self._planned[device] = inputs
         policy = self.policy
         if self.rollout is not None and device not in self.released:
             policy = self.old_policy  # not in a wave yet: the old policy still applies

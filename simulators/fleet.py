@@ -112,9 +112,10 @@ class SimFleet:
         """Deliver each message after the device's link latency and transfer time, and lose
         some QoS 0 ones — the device's link, applied to what it receives."""
         handler = d.agent.client.on_message
-        cls, st = d.res.cls, d.res.state
+        cls = d.res.cls
 
         def deliver(client, userdata, msg) -> None:
+            st = d.res.state  # scenarios replace it: read it at each message
             if msg.qos == 0 and d.res.rng.random() < cls.link_loss + st.extra_loss:
                 return
             delay = (cls.link_ms * st.link_factor + len(msg.payload) * 8 / cls.link_kbps) / 1e3

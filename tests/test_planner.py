@@ -272,3 +272,16 @@ def test_failures_abort_the_rollout():
     s = state(**{d: "HEALTHY" for d in DEVICES[:3]}, d3="FAILED", d4="ROLLED_BACK")
     assert next_wave(s, ROLL, 50.0, 0.0)[1].startswith("aborted: 2 of 5")
     assert next_wave(state(d0="sent"), ROLL, 50.0, 0.0)[0]  # nothing finished yet: go on
+
+
+def test_plan_inputs_ignore_noise_but_see_real_changes():
+    from fleet_controller.planner import plan_inputs
+
+    t = Twin(device_id="d", online=True, battery=0.501, temp_c=40.2, mem_mb=1000,
+             mem_free_mb=500, lat_p50_ms=3.01, running="a")
+    noisy = Twin(device_id="d", online=True, battery=0.5012, temp_c=40.4, mem_mb=1000,
+                 mem_free_mb=501, lat_p50_ms=3.02, running="a")
+    assert plan_inputs(t) == plan_inputs(noisy)
+    for change in ({"battery": 0.29}, {"charging": True}, {"temp_c": 80}, {"running": "b"},
+                   {"mem_free_mb": 100}, {"lat_p50_ms": 6.0}):
+        assert plan_inputs(t) != plan_inputs(Twin(**{**vars(t), **change}))
