@@ -32,3 +32,5 @@ test: setup
 
 bench: setup
 	$(PY) bench/stitch_bench.py
+	$(VENV)/bin/restnet catalog build
+	$(PY) bench/fleet_bench.py --sizes 100,500,1000
