@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
-from fleet_protocol.mqtt import ClientHost, parse_url, serve
+from fleet_protocol.mqtt import ClientHost, add_connection_args, parse_url, serve, setup_logging
 from stitch_lib.catalog import Catalog
 
 from .agent import Agent, AgentConfig
@@ -19,16 +18,12 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="restnet agent", description="run the device agent "
                                 "(`restnet agent provision --help` to fill its cache first)")
     p.add_argument("--device-id", required=True)
-    p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtt://HOST:PORT")
     p.add_argument("--cache", type=Path, required=True, help="segment cache directory")
     p.add_argument("--device-class", default="board")
     p.add_argument("--telemetry-period", type=float, default=5.0)
-    p.add_argument("--username")
-    p.add_argument("--password")
-    p.add_argument("-v", "--verbose", action="store_true")
+    add_connection_args(p)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(args.verbose)
     host = ClientHost()
     agent = Agent(AgentConfig(args.device_id, args.cache, telemetry_period=args.telemetry_period,
                               username=args.username, password=args.password),

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from pathlib import Path
 
-from fleet_protocol.mqtt import ClientHost, parse_url, serve
+from fleet_protocol.mqtt import ClientHost, add_connection_args, parse_url, serve, setup_logging
 
 from .policy import PolicyError, load_policy, policy_schema
 
@@ -14,14 +13,10 @@ from .policy import PolicyError, load_policy, policy_schema
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="restnet controller")
     p.add_argument("--policy", type=Path, default=Path("fleet.yaml"))
-    p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtt://HOST:PORT")
     p.add_argument("--state-dir", type=Path, default=Path(".restnet/controller"))
-    p.add_argument("--username")
-    p.add_argument("--password")
-    p.add_argument("-v", "--verbose", action="store_true")
+    add_connection_args(p)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(args.verbose)
     from .service import Controller  # torch and the catalog load only when running
 
     host = ClientHost()

@@ -7,6 +7,7 @@ timers, and reconnects lost clients with jittered exponential back-off (paho add
 """
 from __future__ import annotations
 
+import argparse
 import heapq
 import itertools
 import logging
@@ -348,6 +349,19 @@ class ClientHost:
             self._sel.unregister(sock)
         except (KeyError, ValueError):
             pass  # never registered, or already gone
+
+
+def add_connection_args(p: argparse.ArgumentParser) -> None:
+    """The broker and logging options every long-running `restnet` process takes."""
+    p.add_argument("--broker", default=f"mqtt://127.0.0.1:{DEFAULT_PORT}", help=URL_FORM)
+    p.add_argument("--username")
+    p.add_argument("--password")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
 def serve(host: ClientHost, on_exit: Callable[[], None]) -> None:
