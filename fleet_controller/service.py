@@ -67,7 +67,7 @@ class Controller:
         self.device_generation: dict[str, int] = {}  # as devices report it: seeds generations
         self.avoid: dict[str, dict[str, float]] = defaultdict(dict)
         self.triggers: dict[str, float] = {}  # deployment → time of the telemetry that caused it
-        self.running_artifact: dict[str, str] = {}  # device → stitch artifact it runs
+        self.running_artifact = self.store.running_artifacts()  # device → artifact it runs
         self.finetune_queue: set[str] = set()
         self.stopped = False
         # a policy change rolls out in waves: devices not yet released keep the old policy
@@ -211,9 +211,6 @@ class Controller:
         twin = self._twin(device)
         if a.status == "HEALTHY":
             twin.running, twin.since = dep.hybrid, now
-            entry = self.entries.get(dep.hybrid)
-            if entry is not None and entry.artifact:
-                self.running_artifact[device] = entry.artifact
             self.metrics.adaptations += 1
             if dep.id in self.triggers:
                 self.metrics.reactions_ms.append((now - self.triggers.pop(dep.id)) * 1e3)
@@ -227,6 +224,8 @@ class Controller:
         """Record a deployment's new status; a final one closes it."""
         dep.status, dep.updated = status, now
         self.store.update_deployment(dep.id, status, now, reason)
+        if status == "HEALTHY":
+            self.running_artifact[dep.device_id] = dep.artifact
         if not dep.open:
             self.open.pop(dep.device_id, None)
 
@@ -302,7 +301,7 @@ class Controller:
             reason=reason)
         payload = encode(desired)
         dep = Deployment(desired.deployment_id, device, generation, entry.id, "sent", reason,
-                         now, now, len(payload))
+                         now, now, len(payload), entry.artifact or "")
         self.store.add_deployment(dep)
         self.open[device] = dep
         self.client.publish(self.t.desired(device), payload, qos=1, retain=True)

@@ -17,7 +17,7 @@ CREATE TABLE IF NOT EXISTS deployments (
     id TEXT PRIMARY KEY, device_id TEXT NOT NULL, generation INTEGER NOT NULL,
     hybrid TEXT NOT NULL, status TEXT NOT NULL, reason TEXT NOT NULL,
     created REAL NOT NULL, updated REAL NOT NULL, payload_bytes INTEGER NOT NULL,
-    UNIQUE (device_id, generation));
+    artifact TEXT NOT NULL, UNIQUE (device_id, generation));
 CREATE INDEX IF NOT EXISTS deployments_open ON deployments (status);
 CREATE TABLE IF NOT EXISTS events (
     ts REAL NOT NULL, device_id TEXT, kind TEXT NOT NULL, detail TEXT NOT NULL);
@@ -36,6 +36,7 @@ class Deployment:
     created: float
     updated: float
     payload_bytes: int
+    artifact: str = ""  # the catalog artifact deployed (a stitch's changes when it is tuned)
 
     @property
     def open(self) -> bool:
@@ -72,7 +73,7 @@ class Store:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute("INSERT INTO deployments VALUES (?,?,?,?,?,?,?,?,?)",
+                self._db.execute("INSERT INTO deployments VALUES (?,?,?,?,?,?,?,?,?,?)",
                                  tuple(asdict(dep).values()))
                 self._db.execute("INSERT INTO events VALUES (?,?,?,?)",
                                  (dep.created, dep.device_id, "deploy",
@@ -99,6 +100,12 @@ class Store:
         if conds:
             sql += " WHERE " + " AND ".join(conds)
         return [Deployment(*row) for row in self._run(sql + " ORDER BY created", tuple(args))]
+
+    def running_artifacts(self) -> dict[str, str]:
+        """Per device, the artifact of its last healthy deployment."""
+        rows = self._run("SELECT device_id, artifact FROM deployments WHERE status='HEALTHY' "
+                         "ORDER BY created")
+        return dict(rows)
 
     def last_generation(self, device_id: str) -> int:
         row = self._run("SELECT MAX(generation) FROM deployments WHERE device_id=?", (device_id,))
