@@ -460,7 +460,7 @@ class Run:
 
     def _setup(self) -> None:
         from fleet_controller.service import Controller
-        from fleet_protocol.mqtt import ClientHost, parse_url, run_in_thread
+        from fleet_protocol.mqtt import ClientHost
         from simulators.broker import start_broker
 
         self.broker = start_broker(self.tmp / "broker")

@@ -139,7 +139,7 @@ def main() -> None:
                             front_name=e.front, back_name=e.back)
         full_h = copy.deepcopy(h)
         t0 = time.perf_counter()
-        r_s = finetune_stitch(h, splits, ft)  # includes computing the front cache once
+        finetune_stitch(h, splits, ft)  # includes computing the front cache once
         t_s = time.perf_counter() - t0
         r_f = finetune_full(full_h, splits, TrainConfig(epochs=ft.epochs, lr=3e-4,
                                                         n_train=ft.n_train, patience=ft.patience))

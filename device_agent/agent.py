@@ -27,8 +27,9 @@ from fleet_protocol.messages import (Ack, ArtifactChunk, ArtifactRequest, Desire
 from fleet_protocol.mqtt import ClientHost, make_client
 from fleet_protocol.topics import Topics
 from stitch_lib.cost import flops
+from stitch_lib.files import atomic_write
 
-from .cache import SegmentCache, SegmentRegistry, atomic_write
+from .cache import SegmentCache, SegmentRegistry
 from .resources import Resources
 from .runtime import LatencyWindow, Loaded, ModelSlot, assemble, build_stitch, health_verdict, verify
 

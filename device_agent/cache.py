@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -25,25 +23,11 @@ import torch
 from fleet_protocol import codec
 from stitch_lib.build import segment_payloads
 from stitch_lib.catalog import Catalog
+from stitch_lib.files import atomic_write
 from stitch_lib.segments import Segment, split_model
 from stitch_lib.zoo import from_recipe
 
 log = logging.getLogger(__name__)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class SegmentCache:

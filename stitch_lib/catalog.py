@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +11,8 @@ from typing import Any
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+from .files import atomic_write
 
 INDEX = "catalog.json"
 
@@ -61,13 +61,6 @@ def pareto(entries: list[Entry], cost: str = "latency_ms") -> list[Entry]:
     return sorted(front, key=lambda e: getattr(e, cost))
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 @dataclass
 class Catalog:
     """Entries plus free-form measurements (`meta`), stored under `root`."""
@@ -100,7 +93,7 @@ class Catalog:
         path = self.root / "artifacts" / f"{sha}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
-            _atomic_bytes(path, blob)
+            atomic_write(path, blob)
         return sha
 
     def load_artifact(self, sha: str) -> dict[str, torch.Tensor]:
@@ -117,7 +110,7 @@ class Catalog:
         self.root.mkdir(parents=True, exist_ok=True)
         doc = {"version": 1, "meta": self.meta, "entries": [asdict(e) for e in self.entries]}
         path = self.root / INDEX
-        _atomic_bytes(path, json.dumps(doc, indent=1).encode())
+        atomic_write(path, json.dumps(doc, indent=1).encode())
         return path
 
     @classmethod

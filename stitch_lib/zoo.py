@@ -5,19 +5,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import timm
-import torch
 from rich.progress import Progress
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 from torch import nn
 
 from .data import DataSplits
+from .files import atomic_write
 from .segments import Segment, split_model
 from .train import TrainConfig, evaluate, train_anchor
 
@@ -123,17 +122,6 @@ def cache_key(spec: AnchorSpec, splits: DataSplits) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_anchor(spec: AnchorSpec, splits: DataSplits, cache_dir: Path,
                 progress: Progress | None = None) -> Anchor:
     """The anchor from its checkpoint, from the cache, or trained now and cached."""
@@ -151,10 +139,10 @@ def load_anchor(spec: AnchorSpec, splits: DataSplits, cache_dir: Path,
     else:
         result = train_anchor(model, splits, spec.train, progress, label=spec.name)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        _atomic_write(weights, lambda p: save_file(state, p))
+        atomic_write(weights, st_save(state))
         info = {"val_acc": result.val_acc, "train_seconds": result.seconds,
                 "history": result.history}
-        _atomic_write(meta, lambda p: Path(p).write_text(json.dumps(info, indent=1)))
+        atomic_write(meta, json.dumps(info, indent=1).encode())
     model.eval()
     return Anchor(spec, model, split_model(model), info["val_acc"], info["train_seconds"],
                   recipe(spec, splits))

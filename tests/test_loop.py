@@ -4,7 +4,6 @@ import json
 import shutil
 import time
 
-import paho.mqtt.client as mqtt
 import pytest
 import yaml
 
