@@ -127,6 +127,7 @@ def _fleet_main(conn, cfg: dict) -> None:
     from device_agent.cache import SegmentCache, SegmentRegistry, provision
     from device_agent.runtime import assemble, verify
     from simulators.devices import with_changes
+    from fleet_protocol.signing import load_public
     from simulators.fleet import SimFleet
     from stitch_lib.catalog import Catalog
 
@@ -146,7 +147,7 @@ def _fleet_main(conn, cfg: dict) -> None:
     rss0 = rss_bytes()
     t_build = time.monotonic()
     fleet = SimFleet(n, cfg["url"], catalog.root, workdir, telemetry_period=cfg["period"],
-                     seed=cfg["seed"])
+                     seed=cfg["seed"], trust=(load_public(Path(cfg["trust"])),))
     fleet.registry = registry
     for d in fleet.devices:
         d.agent.registry = registry
@@ -239,7 +240,7 @@ def _fleet_main(conn, cfg: dict) -> None:
         profiler = cProfile.Profile()
         profiler.enable()
     t0 = time.monotonic()
-    fleet.start()  # paced connects, in this (the loop's) thread
+    fleet.start(cfg["credentials"])  # paced connects, in this (the loop's) thread
     log.info("fleet.start() returned after %.2f s, %d connected", time.monotonic() - t0,
              host.stats["connects"])
     def check() -> bool:  # between loop passes
@@ -327,7 +328,8 @@ def _flood_main(conn, cfg: dict) -> None:
 
     t = Topics()
     host = ClientHost()
-    clients = [make_client(f"flood-{os.getpid()}-{k}") for k in range(cfg["clients"])]
+    clients = [make_client(f"flood-{os.getpid()}-{k}", **cfg["login"])
+               for k in range(cfg["clients"])]
     for c in clients:
         host.add(c, *parse_url(cfg["url"]))
     host.run(until=lambda: all(c.is_connected() for c in clients), timeout=15)
@@ -461,18 +463,26 @@ class Run:
     def _setup(self) -> None:
         from fleet_controller.service import Controller
         from fleet_protocol.mqtt import ClientHost
+        from fleet_protocol.signing import KeyDir
         from simulators.broker import start_broker
 
-        self.broker = start_broker(self.tmp / "broker")
+        from simulators.devices import make_fleet
+
+        ids = [dev_id for dev_id, _ in make_fleet(self.n, None, self.args.seed)]
+        self.broker = start_broker(self.tmp / "broker", devices=ids)  # logins and ACLs on
+        self.login = {"username": "controller", "password": self.broker.creds["controller"]}
         self.url = self.broker.url
         log.info("N=%d: broker %s", self.n, self.url)
         policy = write_policy(self.tmp / "fleet.yaml", self.catalog_dir, self.args.reconcile_s)
         self.host = ClientHost()
-        self.ctl = Controller(policy, self.tmp / "controller", self.host)
+        KeyDir(self.tmp / "keys").init()
+        self.ctl = Controller(policy, self.tmp / "controller", self.host, self.tmp / "keys",
+                              **self.login)
         self.ctl.triggers = self.trigger_log = TriggerLog()  # a record of what it measures from
         self.fleet = FleetHandle(self.ctx, dict(
             n=self.n, url=self.url, catalog=str(self.catalog_dir),
             workdir=str(self.tmp / "fleet"), period=self.args.period, seed=self.args.seed,
+            trust=str(self.tmp / "keys" / "controller.pub"), credentials=dict(self.broker.creds),
             log_level=log.getEffectiveLevel(),
             profile=(str(self.args.profile_fleet / f"fleet-{self.row['label'].replace(' ', '-')}"
                          ".prof") if self.args.profile_fleet else None)))
@@ -648,7 +658,7 @@ class Run:
         bare = {"n": 0}
         subscribed = threading.Event()
         bare_host = ClientHost()
-        client = make_client(f"bare-counter-{os.getpid()}")
+        client = make_client(f"bare-counter-{os.getpid()}", **self.login)
 
         def on_message(c, u, msg) -> None:
             bare["n"] += 1
@@ -660,7 +670,7 @@ class Run:
         bare_thread = run_in_thread(bare_host, "bare-subscriber")
         flood_conn, child = self.ctx.Pipe()
         flood = self.ctx.Process(target=flood_process, name="flood", daemon=True, args=(child, dict(
-            url=self.url, devices=self.devices, clients=self.args.flood_clients,
+            url=self.url, devices=self.devices, clients=self.args.flood_clients, login=self.login,
             seconds=self.args.flood_s, log_level=log.getEffectiveLevel())))
         try:
             flood.start()
@@ -890,16 +900,18 @@ def hybrid_payload_ratios(cat) -> list[float]:
     """Desired payload / model_bytes for every hybrid of the catalog, encoded the way the
     controller encodes a deployment (stitch delta inline, segments by ID)."""
     from fleet_controller.artifacts import Artifacts
-    from fleet_protocol.messages import Desired, encode
+    from fleet_protocol.messages import Desired
+    from fleet_protocol.signing import SigningKey, seal
 
-    art, out = Artifacts(cat), []
+    art, out, key = Artifacts(cat), [], SigningKey.generate()
     for e in cat.hybrids:
         front, back = art.split(e)
-        d = Desired(generation=1, deployment_id="device-000.1", hybrid=e.id, name=e.name,
-                    front=front, back=back, stitch=art.delta(e), expected_latency_ms=10.0,
-                    ts=time.time(), reason=f"battery 0.20 < 0.30: min_energy → {e.name} "
-                                           f"({e.flops / 1e6:.1f} MFLOPs)")
-        out.append(len(encode(d)) / e.model_bytes)
+        d = Desired(device_id="device-000", generation=1, deployment_id="device-000.1",
+                    hybrid=e.id, name=e.name, front=front, back=back, stitch=art.delta(e),
+                    expected_latency_ms=10.0, ts=time.time(),
+                    reason=f"battery 0.20 < 0.30: min_energy → {e.name} "
+                           f"({e.flops / 1e6:.1f} MFLOPs)")
+        out.append(len(seal(d, [key])) / e.model_bytes)
     return out
 
 

@@ -10,9 +10,12 @@ A deployment goes RECEIVED → (FETCHING n/N) → VERIFIED → SWAPPED → HEALT
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import random
+import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,6 +28,7 @@ from fleet_protocol import codec
 from fleet_protocol.messages import (Ack, ArtifactChunk, ArtifactRequest, Desired, ProtocolError,
                                      Rebirth, State, Telemetry, decode, encode)
 from fleet_protocol.mqtt import ClientHost, make_client
+from fleet_protocol.signing import Keyring, SignatureError, UntrustedKey, unverified
 from fleet_protocol.topics import Topics
 from stitch_lib.cost import flops
 from stitch_lib.files import atomic_write
@@ -35,6 +39,13 @@ from .runtime import LatencyWindow, Loaded, ModelSlot, assemble, build_stitch, h
 
 log = logging.getLogger(__name__)
 REFETCH_AFTER_S = 10.0  # re-request missing chunks after this long without progress
+CRASH_ENV = "RESTNET_CRASH_AT"  # fault injection for the crash tests: "chunk:N" or "swap"
+
+
+def _crash_point(name: str) -> None:
+    """Die right here, as a power cut would, if the crash tests asked for it."""
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -50,6 +61,7 @@ class AgentConfig:
     chunk_size: int = 64 * 1024  # segment download chunks
     username: str | None = None
     password: str | None = None
+    trust: tuple = ()  # the controller's Ed25519 public keys, until a signed key set replaces them
 
 
 @dataclass
@@ -77,6 +89,8 @@ class Agent:
         self.applied = 0  # generation running (or last refused): older desired states are ignored
         self.pending: Desired | None = None
         self.fetching: dict[str, _Fetch] = {}
+        self.held: bytes | None = None  # a desired state signed by a key not (yet) trusted
+        self.keyring = Keyring(list(cfg.trust))
         self.client: mqtt.Client | None = None
         self.probe = cfg.probe[0] if cfg.probe is not None else torch.zeros(2, *cfg.input_shape)
         self._restore()
@@ -116,7 +130,9 @@ class Agent:
             log.warning("%s: connect refused: %s", self.cfg.device_id, reason_code)
             return
         d = self.cfg.device_id
-        client.subscribe([(self.t.desired(d), 1), (self.t.art_data(d), 1), (self.t.rebirth, 1)])
+        # the key set first: Mosquitto sends retained messages in subscription order
+        client.subscribe([(self.t.ctl_keys, 1), (self.t.desired(d), 1), (self.t.art_data(d), 1),
+                          (self.t.rebirth, 1)])
         self._birth()
         for seg_id in self.fetching:  # resume downloads cut by the disconnect
             self._request(seg_id)
@@ -124,12 +140,14 @@ class Agent:
     def _on_message(self, client, userdata, msg) -> None:
         try:
             if msg.topic == self.t.desired(self.cfg.device_id):
-                self._on_desired(decode(Desired, msg.payload))
+                self._on_signed_desired(msg.payload)
             elif msg.topic == self.t.art_data(self.cfg.device_id):
                 self._on_chunk(decode(ArtifactChunk, msg.payload))
+            elif msg.topic == self.t.ctl_keys:
+                self._on_keys(msg.payload)
             elif msg.topic == self.t.rebirth:
-                decode(Rebirth, msg.payload)
-                self.host.call_later(random.uniform(0, 2), self._guard(self._birth))
+                decode(Rebirth, msg.payload)  # a controller (re)started: tell it all again
+                self.host.call_later(random.uniform(0, 2), self._guard(self._rebirth))
         except (ProtocolError, codec.ArtifactError) as exc:
             self.stats["dropped"] += 1
             log.warning("%s: dropped message on %s: %s", self.cfg.device_id, msg.topic, exc)
@@ -141,12 +159,18 @@ class Agent:
         if self.client is not None:
             self.client.publish(topic, encode(msg), qos=qos, retain=retain)
 
+    def _rebirth(self) -> None:
+        self._birth()
+        for seg_id in self.fetching:  # its chunks in flight were lost with it
+            self._request(seg_id)
+
     def _birth(self) -> None:
         cur = self.slot.get()
         self._publish(self.t.state(self.cfg.device_id), State(
             device_id=self.cfg.device_id, online=True, session=self.session, ts=self.clock(),
             capabilities=self.resources.capabilities(), segments=self.cache.ids(),
-            hybrid=cur.hybrid if cur else None, generation=self.applied), retain=True)
+            hybrid=cur.hybrid if cur else None, generation=self.applied,
+            keys_seq=self.keyring.seq), retain=True)
 
     def _ack(self, d: Desired, status: str, **kw) -> None:
         self.stats[status] += 1
@@ -170,17 +194,54 @@ class Agent:
             if now - f.last_progress > REFETCH_AFTER_S:
                 self._request(seg_id)
 
+    # --- trust: nothing unsigned, foreign or old gets past here --------------------------
+    def _on_keys(self, payload: bytes) -> None:
+        if not self.keyring.accept(payload):
+            return  # the key set already in force (a retained re-delivery)
+        atomic_write(self.cfg.cache_dir / "trust.json", self.keyring.to_json())
+        log.info("%s: now trusting keys %s", self.cfg.device_id, sorted(self.keyring.keys))
+        self._birth()
+        if self.held is not None:  # it may have been signed by a key this set introduced
+            payload, self.held = self.held, None
+            self._on_signed_desired(payload)
+
+    def _on_signed_desired(self, payload: bytes) -> None:
+        """Verify before anything else; refuse with a FAILED ack naming the reason."""
+        env, d = unverified(Desired, payload)
+        newest = max(self.applied, self.pending.generation if self.pending else 0)
+        if d.generation in (self.applied, self.pending.generation if self.pending else -1):
+            self.stats["stale"] += 1  # a retained re-delivery: already handled
+            return
+        try:
+            self.keyring.verify(env)
+        except SignatureError as exc:
+            self.held = payload if isinstance(exc, UntrustedKey) else None
+            self._refuse(d, "refused", f"signature: {exc}")
+        else:
+            if d.device_id != self.cfg.device_id:
+                self._refuse(d, "refused", f"addressed to device {d.device_id}")
+            elif d.generation < newest:
+                self._refuse(d, "replayed", f"replayed: generation {d.generation} is older "
+                             f"than {newest}")
+            else:
+                self._on_desired(d)
+
+    def _refuse(self, d: Desired, counter: str, reason: str) -> None:
+        """Refuse a desired state that was not verified: the running model and the applied
+        generation stay exactly as they were."""
+        self.stats[counter] += 1
+        log.warning("%s: refused desired %s: %s", self.cfg.device_id, d.deployment_id, reason)
+        self._ack(d, "FAILED", reason=reason)
+
     # --- the deployment pipeline ------------------------------------------------------
     def _on_desired(self, d: Desired) -> None:
-        newest = max(self.applied, self.pending.generation if self.pending else 0)
-        if d.generation <= newest:
-            self.stats["stale"] += 1  # a retained re-delivery or a replay: already handled
-            return
         self.pending = d
         self._ack(d, "RECEIVED")
         missing = [s for s in dict.fromkeys(d.front + d.back) if not self.cache.has(s)]
         for seg_id in missing:
-            self.fetching.setdefault(seg_id, _Fetch(last_progress=self.clock()))
+            if seg_id not in self.fetching:  # resume what an earlier run began
+                total, held = self.cache.in_progress(seg_id) or (None, set())
+                self.fetching[seg_id] = _Fetch(total, held, self.clock())
             self._request(seg_id)
         if missing:
             self._ack(d, "FETCHING", done=0, total=len(missing))
@@ -208,6 +269,12 @@ class Agent:
             raise codec.ArtifactError(f"chunk {c.index}/{c.total} of {c.artifact[:12]} does "
                                       "not fit the download")
         if f.total is None:
+            free = self.resources.disk_free_bytes(self.cfg.cache_dir)
+            if c.size > free:  # refuse up front: the old model keeps serving
+                self.fetching.pop(c.artifact)
+                self._fail_pending(f"disk full: segment {c.artifact[:12]} needs {c.size} bytes, "
+                                   f"{free} free in the cache")
+                return
             f.total, f.held = c.total, self.cache.partial(c.artifact, c.artifact_sha256, c.size,
                                                           c.total)
         data = codec.unb64(c.data, 256 * 1024)
@@ -218,9 +285,11 @@ class Agent:
                 self.cache.put_chunk(c.artifact, c.index, data)
             except OSError as exc:  # e.g. a full disk: the old model keeps serving
                 self.fetching.pop(c.artifact)
-                self._fail_pending(f"cache write failed: {exc.strerror or exc}")
+                full = "disk full: " if exc.errno == errno.ENOSPC else ""
+                self._fail_pending(f"{full}cache write failed: {exc.strerror or exc}")
                 return
             f.held.add(c.index)
+            _crash_point(f"chunk:{len(f.held)}")
         f.last_progress = self.clock()
         if len(f.held) < f.total:
             return
@@ -277,6 +346,7 @@ class Agent:
             return
         self._ack(d, "VERIFIED")
         swap_ms = self.slot.swap(new)
+        _crash_point("swap")  # swapped in memory, not yet recorded on disk
         self.applied = d.generation
         self.latency.clear()
         self._ack(d, "SWAPPED", swap_ms=swap_ms)
@@ -316,6 +386,9 @@ class Agent:
         atomic_write(self.cfg.cache_dir / "applied.json", json.dumps(doc).encode())
 
     def _restore(self) -> None:
+        trust = self.cfg.cache_dir / "trust.json"
+        if trust.is_file():  # a key set accepted earlier replaces the provisioned keys
+            self.keyring = Keyring.from_json(trust.read_bytes())
         path = self.cfg.cache_dir / "applied.json"
         if not path.is_file():
             return

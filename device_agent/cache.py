@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import threading
 from collections.abc import Callable
@@ -30,6 +31,9 @@ from stitch_lib.zoo import from_recipe
 log = logging.getLogger(__name__)
 
 
+_SEGMENT_ID = re.compile(r"[0-9a-f]{64}")
+
+
 class SegmentCache:
     """Segment artifacts on disk, by segment ID."""
 
@@ -39,7 +43,13 @@ class SegmentCache:
         (self.root / "partial").mkdir(parents=True, exist_ok=True)
 
     def path(self, seg_id: str) -> Path:
+        if not _SEGMENT_ID.fullmatch(seg_id):  # it names files: never a path from the wire
+            raise codec.ArtifactError(f"bad segment ID {seg_id[:80]!r}: expected 64 hex digits")
         return self.root / "segments" / f"{seg_id}.safetensors"
+
+    def _partial(self, seg_id: str) -> Path:
+        self.path(seg_id)  # checks the ID
+        return self.root / "partial" / seg_id
 
     def ids(self) -> list[str]:
         return sorted(p.stem for p in (self.root / "segments").glob("*.safetensors"))
@@ -54,13 +64,13 @@ class SegmentCache:
         """Store a complete artifact after checking its hash and format."""
         codec.unpack_segment(blob, sha256)
         atomic_write(self.path(seg_id), blob)
-        shutil.rmtree(self.root / "partial" / seg_id, ignore_errors=True)
+        shutil.rmtree(self._partial(seg_id), ignore_errors=True)
 
     # --- resumable downloads -------------------------------------------------------------
     def partial(self, seg_id: str, artifact_sha256: str, size: int, total: int) -> set[int]:
         """Start or resume a download; returns the chunk indices already held. A download of
         a different artifact under the same ID is discarded."""
-        d = self.root / "partial" / seg_id
+        d = self._partial(seg_id)
         meta = {"artifact_sha256": artifact_sha256, "size": size, "total": total}
         try:
             if json.loads((d / "meta.json").read_text()) == meta:
@@ -71,13 +81,23 @@ class SegmentCache:
         atomic_write(d / "meta.json", json.dumps(meta).encode())
         return set()
 
+    def in_progress(self, seg_id: str) -> tuple[int, set[int]] | None:
+        """(total chunks, chunk indices held) of a download begun earlier, e.g. before a
+        crash; None if there is none."""
+        d = self._partial(seg_id)
+        try:
+            total = int(json.loads((d / "meta.json").read_text())["total"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return total, {int(p.stem) for p in d.glob("*.part") if int(p.stem) < total}
+
     def put_chunk(self, seg_id: str, index: int, data: bytes) -> None:
-        atomic_write(self.root / "partial" / seg_id / f"{index}.part", data)
+        atomic_write(self._partial(seg_id) / f"{index}.part", data)
 
     def assemble(self, seg_id: str) -> None:
         """Join a complete download, verify it, and move it into the cache; a download that
         fails verification is discarded, so the next try fetches it afresh."""
-        d = self.root / "partial" / seg_id
+        d = self._partial(seg_id)
         try:
             meta = json.loads((d / "meta.json").read_text())
             blob = b"".join((d / f"{k}.part").read_bytes() for k in range(meta["total"]))
@@ -89,10 +109,12 @@ class SegmentCache:
     def discard(self, seg_id: str) -> None:
         """Forget a segment: its artifact and any partial download of it."""
         self.path(seg_id).unlink(missing_ok=True)
-        shutil.rmtree(self.root / "partial" / seg_id, ignore_errors=True)
+        shutil.rmtree(self._partial(seg_id), ignore_errors=True)
 
-    def free_bytes(self) -> int:
-        return shutil.disk_usage(self.root).free
+
+_DTYPE_NAMES = {torch.float16: "F16", torch.float32: "F32", torch.int64: "I64",
+                np.dtype(np.float16): "F16", np.dtype(np.float32): "F32",
+                np.dtype(np.int64): "I64"}
 
 
 class SegmentRegistry:
@@ -140,6 +162,10 @@ class SegmentRegistry:
         if not 0 <= index < len(segs):
             raise codec.ArtifactError(f"segment index {index} out of range for {meta['recipe']}")
         seg = segs[index]
+        expected = {k: (_DTYPE_NAMES[v.dtype], tuple(v.shape))
+                    for k, v in seg.body.state_dict().items()}
+        codec.check_specs({k: (_DTYPE_NAMES[v.dtype], v.shape) for k, v in tensors.items()},
+                          expected)
         try:
             seg.body.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in tensors.items()})
         except RuntimeError as exc:

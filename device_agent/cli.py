@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fleet_protocol.mqtt import ClientHost, add_connection_args, parse_url, serve, setup_logging
+from fleet_protocol.mqtt import (ClientHost, add_connection_args, login, parse_url, serve,
+                                 setup_logging)
+from fleet_protocol.signing import load_public
 from stitch_lib.catalog import Catalog
 
 from .agent import Agent, AgentConfig
@@ -21,12 +23,21 @@ def main(argv: list[str]) -> int:
     p.add_argument("--cache", type=Path, required=True, help="segment cache directory")
     p.add_argument("--device-class", default="board")
     p.add_argument("--telemetry-period", type=float, default=5.0)
+    p.add_argument("--chunk-size", type=int, default=64 * 1024,
+                   help="bytes per segment-download chunk (smaller on slow, lossy links)")
+    p.add_argument("--trust", type=Path, action="append", required=True,
+                   help="the controller's public key (controller.pub from `restnet keys init`); "
+                        "only desired states it signed are applied (repeatable)")
     add_connection_args(p)
     args = p.parse_args(argv)
     setup_logging(args.verbose)
+    try:
+        trust = tuple(load_public(path) for path in args.trust)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"restnet agent: --trust: {exc}") from exc
     host = ClientHost()
     agent = Agent(AgentConfig(args.device_id, args.cache, telemetry_period=args.telemetry_period,
-                              username=args.username, password=args.password),
+                              chunk_size=args.chunk_size, trust=trust, **login(args)),
                   PsutilResources(args.device_class), host)
     agent.start(*parse_url(args.broker))
     serve(host, agent.stop)

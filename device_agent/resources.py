@@ -5,7 +5,9 @@ same protocol, so the agent's code is the same in both cases.
 """
 from __future__ import annotations
 
+import shutil
 import time
+from pathlib import Path
 from typing import Protocol
 
 import psutil
@@ -24,6 +26,9 @@ class Resources(Protocol):
 
     def latency_ms(self, loaded: Loaded, probe: torch.Tensor) -> float:
         """The latency of one batch-1 inference of `loaded` on this device."""
+
+    def disk_free_bytes(self, path: Path) -> int:
+        """Free bytes on the file system that holds `path` (the segment cache)."""
 
 
 class PsutilResources:
@@ -48,6 +53,9 @@ class PsutilResources:
                 "battery": None if battery is None else battery.percent / 100,
                 "charging": bool(battery and battery.power_plugged),
                 "temp_c": max(readings) if readings else 0.0}
+
+    def disk_free_bytes(self, path: Path) -> int:
+        return shutil.disk_usage(path).free
 
     @torch.no_grad()
     def latency_ms(self, loaded: Loaded, probe: torch.Tensor) -> float:

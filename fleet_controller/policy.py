@@ -316,12 +316,18 @@ def parse_policy(text: str, file: str = "<policy>") -> FleetPolicy:
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        what = " ".join(filter(None, [exc.context, exc.problem]))
-        raise PolicyError(file, [Problem("", mark.line + 1 if mark else None,
+    except yaml.YAMLError as exc:  # syntax errors carry marks; reader errors (bad bytes) not
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        what = " ".join(filter(None, [getattr(exc, "context", None),
+                                      getattr(exc, "problem", None)])) or str(exc)
+        line = (mark.line + 1 if mark else
+                text.count("\n", 0, getattr(exc, "position", 0)) + 1)  # a ReaderError's
+        raise PolicyError(file, [Problem("", line,
                                          f"YAML syntax error: {what}; check the indentation, "
                                          "and quote values that contain ':' or '#'")]) from None
+    except RecursionError:
+        raise PolicyError(file, [Problem("", 1, "YAML nested too deeply; a policy is a few "
+                                                "levels of mappings")]) from None
     if not isinstance(data, dict):
         raise PolicyError(file, [Problem("", 1, "a policy is a mapping with at least "
                                                 "`catalog: <dir>`; see fleet.yaml")])
@@ -346,8 +352,14 @@ def load_policy(path: str | Path) -> FleetPolicy:
     from the policy file's folder)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
         raise PolicyError(str(path), [Problem("", None, f"cannot read: {exc.strerror}")]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PolicyError(str(path), [Problem("", raw.count(b"\n", 0, exc.start) + 1,
+                                              f"not UTF-8 text: {exc.reason} at byte "
+                                              f"{exc.start}")]) from None
     policy = parse_policy(text, str(path))
     return policy.model_copy(update={"catalog": path.absolute().parent / policy.catalog})

@@ -20,6 +20,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from fleet_protocol.messages import (Ack, ArtifactRequest, ControllerState, Desired,
                                      ProtocolError, Rebirth, State, Telemetry, decode, encode)
 from fleet_protocol.mqtt import ClientHost, make_client
+from fleet_protocol.signing import KeyDir, keyset, seal
 from fleet_protocol.topics import Topics
 from stitch_lib.catalog import Catalog, Entry
 
@@ -49,10 +50,13 @@ class Metrics:
 class Controller:
     """One controller process. `start()` connects it through `host` and starts its jobs."""
 
-    def __init__(self, policy_path: Path, state_dir: Path, host: ClientHost,
+    def __init__(self, policy_path: Path, state_dir: Path, host: ClientHost, keys: Path,
                  topics: Topics = Topics(), clock=time.time,
                  username: str | None = None, password: str | None = None) -> None:
         self.policy_path, self.host, self.t, self.clock = Path(policy_path), host, topics, clock
+        self.keydir = KeyDir(keys)
+        self.signing, self.retiring = self.keydir.load()  # every desired state is signed
+        self._keys_stamp = self.keydir.stamp()
         self.policy = load_policy(self.policy_path)
         self._policy_mtime = self.policy_path.stat().st_mtime
         self.catalog = Catalog.load(self.policy.catalog)
@@ -106,6 +110,8 @@ class Controller:
                                replace_existing=True)
         self.scheduler.add_job(self._reload_policy, "interval", seconds=2, id="policy-reload",
                                replace_existing=True)
+        self.scheduler.add_job(self._reload_keys, "interval", seconds=2, id="keys-reload",
+                               replace_existing=True)
         self.scheduler.add_job(self._finetune_next, "interval", seconds=1, id="finetune",
                                replace_existing=True)
         self.scheduler.add_job(lambda: self.host.submit(self._advance_rollout), "interval",
@@ -130,6 +136,7 @@ class Controller:
                           (self.t.all_ack, 1), (self.t.all_art_req, 1)])
         client.publish(self.t.ctl_state, encode(ControllerState(
             online=True, session=self.session, ts=self.clock())), qos=1, retain=True)
+        self._publish_keys()
         client.publish(self.t.rebirth, encode(Rebirth(ts=self.clock())), qos=1)
 
     def _on_message(self, client, userdata, msg) -> None:
@@ -237,7 +244,8 @@ class Controller:
 
     def _on_art_req(self, device: str, r: ArtifactRequest) -> None:
         first = self.artifacts.chunk(r.artifact, 0, r.chunk_size)
-        wanted = r.chunks if r.chunks is not None and not first.error else range(first.total)
+        wanted = (sorted(set(r.chunks)) if r.chunks is not None and not first.error
+                  else range(first.total))  # each chunk once, however often it is asked for
         bad = [k for k in wanted if not 0 <= k < first.total]
         if bad:
             raise ProtocolError(f"chunks {bad[:5]} out of range for {r.artifact[:12]}")
@@ -294,12 +302,12 @@ class Controller:
         front, back = self.artifacts.split(entry)
         budget = rule.latency_p95_ms if math.isfinite(rule.latency_p95_ms) else None
         desired = Desired(
-            generation=generation, deployment_id=f"{device}.{generation}", hybrid=entry.id,
+            device_id=device, generation=generation, deployment_id=f"{device}.{generation}", hybrid=entry.id,
             name=entry.name, front=front, back=back, stitch=self.artifacts.delta(entry),
             expected_latency_ms=predicted, latency_budget_ms=budget,
             min_accuracy=max(0.0, rule.min_accuracy - PROBE_SLACK) or None, ts=now,
             reason=reason)
-        payload = encode(desired)
+        payload = seal(desired, [self.signing])
         dep = Deployment(desired.deployment_id, device, generation, entry.id, "sent", reason,
                          now, now, len(payload), entry.artifact or "")
         self.store.add_deployment(dep)
@@ -313,7 +321,33 @@ class Controller:
             self.finetune_queue.add(entry.id)
         log.info("deploy %s → %s (gen %d): %s", device, entry.name, generation, reason)
 
+    def _publish_keys(self) -> None:
+        """Announce the trusted keys (retained), signed by each of them: a device that trusts
+        only a key being rotated out learns the new one from this."""
+        held = [self.signing, *self.retiring]
+        ks = keyset(held, seq=int(self.clock() * 1000), ts=self.clock())
+        self.client.publish(self.t.ctl_keys, seal(ks, held), qos=1, retain=True)
+
     # --- scheduler jobs (their own threads) ---------------------------------------------
+    def _reload_keys(self) -> None:
+        """Pick up `restnet keys rotate|retire` without a restart."""
+        try:
+            stamp = self.keydir.stamp()
+            if stamp == self._keys_stamp:
+                return
+            signing, retiring = self.keydir.load()
+        except (OSError, ValueError) as exc:
+            log.error("keys not reloaded, the old ones stay in force: %s", exc)
+            return
+        self._keys_stamp = stamp
+
+        def switch() -> None:
+            self.signing, self.retiring = signing, retiring
+            self._publish_keys()
+            log.info("signing with key %s; also announcing %s", signing.id,
+                     [k.id for k in retiring])
+        self.host.submit(switch)
+
     def _reload_policy(self) -> None:
         try:
             mtime = self.policy_path.stat().st_mtime
@@ -321,7 +355,7 @@ class Controller:
                 return
             self._policy_mtime = mtime
             policy = load_policy(self.policy_path)
-        except (OSError, PolicyError) as exc:
+        except (OSError, PolicyError) as exc:  # load_policy turns any bad content into these
             log.error("policy not reloaded, the old one stays in force: %s", exc)
             return
         self.host.submit(lambda: self._set_policy(policy))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import zlib
 
 import numpy as np
@@ -19,7 +20,9 @@ from safetensors.numpy import save as st_save
 
 MAX_DELTA_BYTES = 128 * 1024  # compressed stitch tensors, inline in a desired message
 MAX_ARTIFACT_BYTES = 256 * 1024 * 1024
+MAX_HEADER_BYTES = 1024 * 1024  # a safetensors header (JSON) larger than this is refused
 CHUNK_SIZE = 64 * 1024
+DTYPES = {"F16": np.float16, "F32": np.float32, "I64": np.int64}  # all a model here holds
 
 
 class ArtifactError(ValueError):
@@ -39,9 +42,12 @@ def unb64(text: str, limit: int) -> bytes:
     if len(text) > (limit + 2) // 3 * 4:
         raise ArtifactError(f"encoded payload exceeds {limit} bytes")
     try:
-        return base64.b64decode(text, validate=True)
+        data = base64.b64decode(text, validate=True)
     except ValueError as exc:
         raise ArtifactError(f"bad base64: {exc}") from None
+    if len(data) > limit:
+        raise ArtifactError(f"encoded payload exceeds {limit} bytes")
+    return data
 
 
 def pack_delta(tensors: dict[str, np.ndarray]) -> bytes:
@@ -64,9 +70,8 @@ def unpack_delta(blob: bytes, sha256: str, expected: dict[str, tuple[int, ...]])
         raise ArtifactError(f"delta is not zlib data: {exc}") from None
     if d.unconsumed_tail:
         raise ArtifactError(f"delta decompresses to more than {limit} bytes")
-    tensors = _load(raw)
-    _check(tensors, expected, np.float16)
-    return tensors
+    check_specs(read_header(raw), {k: ("F16", tuple(v)) for k, v in expected.items()})
+    return _load(raw)
 
 
 def pack_segment(tensors: dict[str, np.ndarray], meta: dict) -> bytes:
@@ -81,14 +86,51 @@ def unpack_segment(blob: bytes, sha256: str) -> tuple[dict[str, np.ndarray], dic
         raise ArtifactError(f"artifact of {len(blob)} bytes exceeds {MAX_ARTIFACT_BYTES}")
     if sha256_hex(blob) != sha256:
         raise ArtifactError("artifact sha256 mismatch (tampered or corrupt)")
-    tensors = _load(blob)
+    read_header(blob)
     try:
-        header_len = int.from_bytes(blob[:8], "little")
-        header = json.loads(blob[8:8 + header_len])
+        header = json.loads(blob[8:8 + int.from_bytes(blob[:8], "little")])
         meta = json.loads(header["__metadata__"]["restnet"])
     except (KeyError, ValueError, TypeError) as exc:
         raise ArtifactError(f"artifact has no restnet metadata: {exc}") from None
-    return tensors, meta
+    return _load(blob), meta
+
+
+def read_header(raw: bytes) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Check a safetensors file's header against its bytes before any tensor is read:
+    a bounded header, known dtypes, and tensors that exactly tile the data. name → (dtype,
+    shape)."""
+    n = int.from_bytes(raw[:8], "little")
+    if len(raw) < 8 or n > MAX_HEADER_BYTES or 8 + n > len(raw):
+        raise ArtifactError(f"not a safetensors file: header of {n} bytes in {len(raw)}")
+    try:
+        header = json.loads(raw[8:8 + n])
+    except ValueError as exc:
+        raise ArtifactError(f"safetensors header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ArtifactError("safetensors header is not a JSON object")
+    specs, spans = {}, []
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = t["dtype"], tuple(t["shape"]), t["data_offsets"]
+            ok = (dtype in DTYPES and all(type(d) is int and d >= 0 for d in shape)
+                  and type(start) is int and type(end) is int
+                  and end - start == math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize)
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise ArtifactError(f"safetensors header: bad entry for tensor {name!r}")
+        specs[name] = (dtype, shape)
+        spans.append((start, end))
+    end = 0
+    for start, stop in sorted(spans):
+        if start != end:
+            raise ArtifactError("safetensors header: tensors overlap or leave gaps")
+        end = stop
+    if 8 + n + end != len(raw):
+        raise ArtifactError(f"safetensors data is {len(raw) - 8 - n} bytes, header says {end}")
+    return specs
 
 
 def _load(raw: bytes) -> dict[str, np.ndarray]:
@@ -98,15 +140,17 @@ def _load(raw: bytes) -> dict[str, np.ndarray]:
         raise ArtifactError(f"not a safetensors file: {exc}") from None
 
 
-def _check(tensors: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
-           dtype: type) -> None:
-    if set(tensors) != set(expected):
-        raise ArtifactError(f"tensor names {sorted(tensors)} differ from the expected "
-                            f"{sorted(expected)}")
-    for k, shape in expected.items():
-        if tuple(tensors[k].shape) != tuple(shape) or tensors[k].dtype != dtype:
-            raise ArtifactError(f"tensor {k}: {tensors[k].dtype}{tuple(tensors[k].shape)}, "
-                                f"expected {np.dtype(dtype)}{tuple(shape)}")
+def check_specs(found: dict[str, tuple[str, tuple[int, ...]]],
+                expected: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    """Refuse tensors whose names, dtypes or shapes differ from what the receiver expects."""
+    if set(found) != set(expected):
+        raise ArtifactError(f"tensor names {sorted(found)[:8]} differ from the expected "
+                            f"{sorted(expected)[:8]}")
+    for k, (dtype, shape) in expected.items():
+        if found[k] != (dtype, tuple(shape)):
+            raise ArtifactError(f"tensor {k}: {found[k][0]}{found[k][1]}, expected "
+                                f"{dtype}{tuple(shape)}")
+
 
 
 def chunks(blob: bytes, size: int = CHUNK_SIZE) -> list[bytes]:

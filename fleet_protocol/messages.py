@@ -15,6 +15,7 @@ MAX_MESSAGE_BYTES = 256 * 1024  # larger payloads are refused before parsing
 
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^+#/\x00]+$")]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+SegmentId = Sha256  # a segment's ID is the sha256 of its architecture and weights
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
@@ -46,9 +47,10 @@ class State(Wire):
     session: int = Field(ge=0)  # grows with every agent start; an older death is ignored
     ts: float
     capabilities: Capabilities | None = None
-    segments: list[Id] = []  # cached segment IDs
+    segments: list[SegmentId] = Field([], max_length=4096)  # cached segment IDs
     hybrid: str | None = None  # catalog ID of the running model
     generation: int = Field(0, ge=0)  # last desired generation applied
+    keys_seq: int = Field(0, ge=0)  # the newest signed key set the device accepted
 
 
 class Telemetry(Wire):
@@ -88,22 +90,23 @@ class StitchDelta(Wire):
 
 
 class Desired(Wire):
-    """What a device should run. Level-triggered: applied only if `generation` is newer."""
+    """What a device should run. Level-triggered: applied only if `generation` is newer.
+    Always travels signed (`fleet_protocol.signing`): devices refuse it otherwise."""
 
     kind: Literal["desired"] = "desired"
+    device_id: Id  # signed with the rest: a desired state cannot be replayed to another device
     generation: int = Field(ge=1)
     deployment_id: Id
     hybrid: str  # catalog ID
     name: str = ""
-    front: list[Id]  # segment IDs run before the stitch (all of them for an anchor)
-    back: list[Id] = []  # segment IDs run after the stitch
+    front: list[SegmentId] = Field(max_length=256)  # run before the stitch (all, for an anchor)
+    back: list[SegmentId] = Field([], max_length=256)  # run after the stitch
     stitch: StitchDelta | None = None  # None for an anchor
     expected_latency_ms: float | None = None  # the planner's prediction for this device
     latency_budget_ms: float | None = None  # health check: p95 must stay within
     min_accuracy: Fraction | None = None  # health check on the device's labelled probes
     ts: float
     reason: str = ""
-    signature: str | None = None  # reserved for signed deployments
 
 
 AckStatus = Literal["RECEIVED", "FETCHING", "VERIFIED", "SWAPPED", "HEALTHY", "FAILED",
@@ -128,14 +131,14 @@ class ArtifactRequest(Wire):
     """Ask for chunks of a segment artifact (resumable: only the missing ones)."""
 
     kind: Literal["art_req"] = "art_req"
-    artifact: Id  # segment ID
-    chunks: list[int] | None = None  # None: all of them
+    artifact: SegmentId
+    chunks: list[int] | None = None  # None: all of them (each is sent once however listed)
     chunk_size: int = Field(64 * 1024, ge=1024, le=128 * 1024)
 
 
 class ArtifactChunk(Wire):
     kind: Literal["art_data"] = "art_data"
-    artifact: Id
+    artifact: SegmentId
     index: int = Field(ge=0)
     total: int = Field(ge=1)
     size: int = Field(ge=1)  # bytes of the whole artifact

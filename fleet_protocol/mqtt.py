@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -354,9 +355,21 @@ class ClientHost:
 def add_connection_args(p: argparse.ArgumentParser) -> None:
     """The broker and logging options every long-running `restnet` process takes."""
     p.add_argument("--broker", default=f"mqtt://127.0.0.1:{DEFAULT_PORT}", help=URL_FORM)
-    p.add_argument("--username")
-    p.add_argument("--password")
+    p.add_argument("--username", help="broker user (a device's user is its device ID)")
+    p.add_argument("--password-file", type=Path,
+                   help="file holding the broker password (kept off the command line)")
     p.add_argument("-v", "--verbose", action="store_true")
+
+
+def login(args: argparse.Namespace) -> dict[str, str | None]:
+    """`make_client`'s username/password from the options `add_connection_args` added."""
+    if args.password_file is None:
+        return {"username": args.username, "password": None}
+    try:
+        password = args.password_file.read_text().strip()
+    except OSError as exc:
+        raise SystemExit(f"cannot read --password-file: {exc}") from None
+    return {"username": args.username, "password": password}
 
 
 def setup_logging(verbose: bool) -> None:

@@ -55,6 +55,10 @@ class Topics:
         return f"{self.root}/ctl/state"
 
     @property
+    def ctl_keys(self) -> str:
+        return f"{self.root}/ctl/keys"
+
+    @property
     def rebirth(self) -> str:
         return f"{self.root}/bcast/rebirth"
 

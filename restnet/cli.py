@@ -11,8 +11,11 @@ COMMANDS = {
     "cka": ("restnet.stitch_cmd", "cka_main", "write a CKA heat map for two anchors"),
     "controller": ("fleet_controller.cli", "main", "run the fleet controller"),
     "policy": ("fleet_controller.cli", "policy_main", "check a fleet.yaml or write its schema"),
+    "keys": ("fleet_controller.cli", "keys_main", "make, rotate or retire the signing keys"),
     "agent": ("device_agent.cli", "main", "run a device agent, or provision its cache"),
     "simulate": ("simulators.cli", "main", "run a simulated fleet against a broker"),
+    "broker": ("fleet_controller.cli", "broker_main",
+               "write a Mosquitto config with per-device credentials and ACLs"),
 }
 
 

@@ -19,7 +19,9 @@ from rich.live import Live
 from rich.table import Table
 
 from fleet_controller.service import Controller
+from fleet_protocol.brokerconf import CONTROLLER
 from fleet_protocol.mqtt import ClientHost, parse_url
+from fleet_protocol.signing import KeyDir
 from simulators.broker import start_broker
 from simulators.cli import load_scenario
 from simulators.fleet import SimFleet
@@ -94,13 +96,16 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="restnet-demo-") as tmp, \
             start_broker(Path(tmp) / "broker") as broker:
         host = ClientHost()
-        ctl = Controller(args.policy, Path(tmp) / "controller", host)
+        signing = KeyDir(Path(tmp) / "keys").init()  # the demo fleet's own key pair
+        ctl = Controller(args.policy, Path(tmp) / "controller", host, Path(tmp) / "keys",
+                         username=CONTROLLER, password=broker.creds[CONTROLLER])
         fleet = SimFleet(args.devices, broker.url, catalog.root, Path(tmp) / "fleet",
-                         probe=probe, host=host)
+                         probe=probe, host=host, trust=(signing.public,))
+        broker.add_devices(fleet.ids)  # one login per device; ACLs confine each to its topics
         console.print(f"broker {broker.url}, {len(fleet.devices)} devices, "
                       f"{len(catalog.entries)} catalog models, scenario {args.scenario}")
         ctl.start(*parse_url(broker.url))
-        fleet.start()
+        fleet.start(broker.creds)
         t0 = time.monotonic()
         if args.headless:
             fleet.run(scenario)

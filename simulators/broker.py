@@ -9,8 +9,15 @@ import socket
 import stat
 import subprocess
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from paho.mqtt.reasoncodes import ReasonCode
+
+from fleet_protocol.brokerconf import (Credentials, TlsFiles, broker_conf,
+                                       write_broker_config, write_passwd)
+from fleet_protocol.mqtt import make_client
 
 MOSQUITTO = Path("/usr/sbin/mosquitto")
 BROKER_USER = "mosquitto"
@@ -25,6 +32,8 @@ class Broker:
     workdir: Path
     proc: subprocess.Popen
     timeout: float = 10.0
+    creds: Credentials | None = None  # None when started with auth=False
+    tls_port: int | None = None
 
     @property
     def url(self) -> str:
@@ -38,6 +47,30 @@ class Broker:
     @property
     def log(self) -> Path:
         return self.workdir / "mosquitto.log"
+
+    def add_devices(self, ids: Iterable[str]) -> None:
+        """Give devices `ids` logins (old passwords stay), reload the broker with SIGHUP and
+        wait until the newest user can log in (bounded by `timeout`)."""
+        if self.creds is None:
+            raise RuntimeError("add_devices needs a broker started with auth=True")
+        ids = list(ids)
+        if not ids:
+            return
+        self.creds.generate(ids)
+        self.creds.save(self.workdir / "credentials.json")
+        write_passwd(self.workdir / "passwd", self.creds)
+        self.proc.send_signal(signal.SIGHUP)
+        newest = ids[-1]
+        deadline = time.monotonic() + self.timeout
+        while True:
+            left = deadline - time.monotonic()
+            rc = connack(self.host, self.port, newest, self.creds[newest], timeout=max(left, 0.1))
+            if rc is not None and not rc.is_failure:
+                return
+            if time.monotonic() >= deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"{newest!r} still cannot log in after SIGHUP (last CONNACK "
+                                   f"{rc}); see {self.log}")
+            time.sleep(0.02)  # between login attempts
 
     def stop(self) -> None:
         """SIGTERM and wait (the broker saves its persistence file); idempotent."""
@@ -74,36 +107,58 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_broker(workdir: Path, *, port: int | None = None, extra_conf: str = "",
-                 timeout: float = 10.0) -> Broker:
-    """Write `workdir/mosquitto.conf`, start Mosquitto on it and wait until it accepts connections."""
+def start_broker(workdir: Path, *, port: int | None = None, devices: Iterable[str] = (),
+                 auth: bool = True, extra_conf: str = "", tls: TlsFiles | None = None,
+                 tls_port: int | None = None, timeout: float = 10.0) -> Broker:
+    """Write `workdir/mosquitto.conf`, start Mosquitto on it and wait until it accepts connections.
+
+    auth=True (the default): logins for `controller` and every device in `devices`
+    (`Broker.creds`; passwd, acl, credentials.json in `workdir`; `add_devices` adds more) with
+    the fleet ACLs of `fleet_protocol.brokerconf`. auth=False: anonymous clients, no ACLs. `tls` adds a TLS listener on `tls_port` (default: free).
+    """
     if not MOSQUITTO.exists():
         raise FileNotFoundError(f"{MOSQUITTO} not found: apt-get install mosquitto")
     workdir = Path(workdir).resolve()
     data = workdir / "data"
     data.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
+    tls_port = (tls_port or free_port()) if tls else None
     conf = workdir / "mosquitto.conf"
-    conf.write_text(_config(port, data, _privileges(data)) + extra_conf + "\n")
+    user_line = _privileges(data)
+    creds = None
+    if auth:
+        extra = "".join(f"{line}\n" for line in (user_line, extra_conf) if line)
+        creds = write_broker_config(workdir, devices, port=port, bind="127.0.0.1", tls=tls,
+                                    tls_port=tls_port or 8883, extra_conf=extra)
+    else:
+        conf.write_text(broker_conf(port=port, data_dir=data, password_file=None, acl_file=None,
+                                    tls=tls, tls_port=tls_port, user_line=user_line)
+                        + extra_conf + "\n")
     proc = _launch(conf, workdir / "mosquitto.log", "127.0.0.1", port, timeout)
-    return Broker("127.0.0.1", port, workdir, proc, timeout)
+    return Broker("127.0.0.1", port, workdir, proc, timeout, creds, tls_port)
 
 
-def _config(port: int, data: Path, user_line: str) -> str:
-    return "\n".join([
-        "per_listener_settings false",
-        f"listener {port} 127.0.0.1",
-        "allow_anonymous true",
-        "persistence true",
-        f"persistence_location {data}/",
-        "autosave_interval 5",
-        "set_tcp_nodelay true",
-        "max_packet_size 1048576",
-        "max_queued_messages 10000",
-        "max_inflight_messages 20",
-        "log_dest stdout",
-        user_line,
-    ]) + "\n"
+def connack(host: str, port: int, username: str | None = None, password: str | None = None, *,
+            ca_certs: Path | None = None, timeout: float = 5.0) -> ReasonCode | None:
+    """Log in once (MQTT v5) and disconnect: the CONNACK reason code, or None if none came
+    within `timeout` (connection refused, TLS failure, silence)."""
+    client = make_client("", username=username, password=password)
+    if ca_certs is not None:
+        client.tls_set(ca_certs=str(ca_certs))
+    got: list[ReasonCode] = []
+    client.on_connect = lambda _c, _u, _f, rc, _p: got.append(rc)
+    deadline = time.monotonic() + timeout
+    try:
+        client.connect(host, port, keepalive=10)
+        while not got and time.monotonic() < deadline:
+            if client.loop(timeout=min(0.1, max(deadline - time.monotonic(), 0.01))):
+                break  # the socket closed
+    except OSError:
+        pass
+    finally:
+        client.disconnect()
+        client.loop(timeout=0.01)
+    return got[0] if got else None
 
 
 def _privileges(data: Path) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
@@ -52,6 +53,7 @@ class SimState:
     cpu_other: float = 0.1  # CPU load from other processes
     link_factor: float = 1.0  # >1: a degraded link (latency × factor)
     extra_loss: float = 0.0
+    disk_free_mb: float = 4096.0  # free space for the segment cache
 
 
 @dataclass
@@ -85,6 +87,9 @@ class SimResources:
         return {"cpu": load, "mem_free_mb": max(0.0, self.cls.mem_mb - s.mem_taken_mb),
                 "battery": s.battery if self.cls.battery_powered else None,
                 "charging": s.charging, "temp_c": s.temp_c}
+
+    def disk_free_bytes(self, path: Path) -> int:
+        return int(self.state.disk_free_mb * 2**20)
 
     def latency_ms(self, loaded: Loaded, probe: torch.Tensor) -> float:
         speed = self.cls.gflops * 1e9 * self.throttle() * (1.0 - 0.5 * self.state.cpu_other)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import random
+import socket
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +35,7 @@ class Event:
     classes: tuple[str, ...] = ()  # select by device class (empty: all) ...
     devices: tuple[str, ...] = ()  # ... or by device ID
     fraction: float = 1.0  # ... then a seeded random share of those
+    cut_s: float = 0.0  # a partition: the chosen devices lose their link for this long
 
 
 @dataclass(frozen=True)
@@ -43,18 +46,19 @@ class Scenario:
     @classmethod
     def from_dict(cls, d: dict) -> "Scenario":
         """Validate a parsed scenario file; errors name the event and the field."""
-        allowed = {"at", "set", "classes", "devices", "fraction"}
+        allowed = {"at", "set", "classes", "devices", "fraction", "cut_s"}
         events = []
         for k, e in enumerate(d.get("events") or []):
             bad = set(e) - allowed
             if bad:
                 raise ValueError(f"events[{k}]: unknown key(s) {sorted(bad)}; allowed: "
                                  f"{sorted(allowed)}")
-            with_changes(SimState(), e["set"])  # names the unknown field, if any
-            events.append(Event(at=float(e["at"]), set=dict(e["set"]),
+            with_changes(SimState(), e.get("set", {}))  # names the unknown field, if any
+            events.append(Event(at=float(e["at"]), set=dict(e.get("set", {})),
                                 classes=tuple(e.get("classes", ())),
                                 devices=tuple(e.get("devices", ())),
-                                fraction=float(e.get("fraction", 1.0))))
+                                fraction=float(e.get("fraction", 1.0)),
+                                cut_s=float(e.get("cut_s", 0.0))))
         return cls(float(d["duration_s"]), tuple(sorted(events, key=lambda e: e.at)))
 
 
@@ -63,6 +67,7 @@ class SimDevice:
     id: str
     res: SimResources
     agent: Agent
+    down_until: float = 0.0  # monotonic time the device's partition heals
 
 
 @dataclass
@@ -78,9 +83,14 @@ class SimFleet:
     provisioned: bool = True  # devices start holding every segment of the catalog
     probe: tuple[torch.Tensor, torch.Tensor] | None = None
     seed: int = 0
+    trust: tuple = ()  # the controller's public keys, as each agent is provisioned with them
     topics: Topics = field(default_factory=Topics)
     host: ClientHost = field(default_factory=ClientHost)
     devices: list[SimDevice] = field(default_factory=list)
+
+    @property
+    def ids(self) -> list[str]:
+        return [d.id for d in self.devices]
 
     def __post_init__(self) -> None:
         self.registry = SegmentRegistry()
@@ -95,33 +105,56 @@ class SimFleet:
                 if not cache.has(seg_id):
                     os.link(master.path(seg_id), cache.path(seg_id))
             cfg = AgentConfig(dev_id, cache_dir, self.topics, self.telemetry_period,
-                              probe=self.probe)
+                              probe=self.probe, trust=self.trust)
             agent = Agent(cfg, res, self.host, self.registry)
             self.devices.append(SimDevice(dev_id, res, agent))
 
-    def start(self, pace: int = 25) -> None:
-        """Connect every agent, `pace` at a time (the broker's listen backlog is 100)."""
+    def start(self, credentials: Mapping[str, str] | None = None, pace: int = 25) -> None:
+        """Connect every agent, `pace` at a time (the broker's listen backlog is 100), each
+        logging in as its device ID with its password in `credentials` (None: anonymous)."""
         host, port = parse_url(self.url)
         for k, d in enumerate(self.devices):
+            if credentials is not None:
+                d.agent.cfg.username, d.agent.cfg.password = d.id, credentials[d.id]
             d.agent.start(host, port)
-            self._slow_link(d)
+            self._link(d)
             if k % pace == pace - 1:
                 self.host.run_once(0.01)
 
-    def _slow_link(self, d: SimDevice) -> None:
-        """Deliver each message after the device's link latency and transfer time, and lose
-        some QoS 0 ones — the device's link, applied to what it receives."""
-        handler = d.agent.client.on_message
+    def _link(self, d: SimDevice) -> None:
+        """The device's link, applied to what it receives: each message arrives after the link
+        latency and transfer time, some QoS 0 ones are lost, and while the device is cut off
+        nothing arrives and it cannot connect."""
+        client = d.agent.client
+        handler, reconnect = client.on_message, client.reconnect
         cls = d.res.cls
+
+        def connect():
+            if time.monotonic() < d.down_until:
+                raise OSError("simulated partition")
+            return reconnect()
 
         def deliver(client, userdata, msg) -> None:
             st = d.res.state  # scenarios replace it: read it at each message
+            if time.monotonic() < d.down_until:
+                return
             if msg.qos == 0 and d.res.rng.random() < cls.link_loss + st.extra_loss:
                 return
             delay = (cls.link_ms * st.link_factor + len(msg.payload) * 8 / cls.link_kbps) / 1e3
             self.host.call_later(delay, lambda: handler(client, userdata, msg))
 
-        d.agent.client.on_message = deliver
+        client.on_message = deliver
+        client.reconnect = connect
+
+    def cut(self, devices: list[SimDevice], seconds: float) -> None:
+        """Partition `devices` for `seconds`: their connections drop (the broker publishes their
+        wills) and reconnects fail until the link heals."""
+        until = time.monotonic() + seconds
+        for d in devices:
+            d.down_until = until
+            sock = d.agent.client.socket() if d.agent.client else None
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
 
     def select(self, e: Event) -> list[SimDevice]:
         chosen = [d for d in self.devices
@@ -136,7 +169,10 @@ class SimFleet:
         chosen = self.select(e)
         for d in chosen:
             d.res.state = with_changes(d.res.state, e.set)
-        log.info("scenario @%.0fs: %s on %d devices", e.at, e.set, len(chosen))
+        if e.cut_s:
+            self.cut(chosen, e.cut_s)
+        log.info("scenario @%.0fs: %s%s on %d devices", e.at, e.set,
+                 f", cut off for {e.cut_s:.0f} s" if e.cut_s else "", len(chosen))
         return [d.id for d in chosen]
 
     def run(self, scenario: Scenario, on_tick=None, tick_s: float = 1.0) -> None:

@@ -1,6 +1,8 @@
 """Shared fixtures: a small real Fashion-MNIST subset and tiny timm models."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import timm
 import torch
@@ -24,6 +26,16 @@ def tiny(name: str, **kwargs) -> torch.nn.Module:
         return timm.create_model("vit_tiny_patch16_224", num_classes=10, in_chans=1,
                                  **(TINY_VIT | kwargs)).eval()
     return timm.create_model(name, num_classes=10, in_chans=1, **kwargs).eval()
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory):
+    """The controller's key directory, as `restnet keys init` makes it (one per session)."""
+    from fleet_protocol.signing import KeyDir
+
+    root = tmp_path_factory.mktemp("keys")
+    KeyDir(root).init()
+    return root
 
 
 @pytest.fixture
@@ -59,3 +71,27 @@ def tiny_catalog(splits, tmp_path_factory):
     data = dict(source="fashion-mnist", image_size=32, n_train=1000, n_calib=160, n_val=200,
                 n_test=200, seed=0)
     return build_catalog(anchors, splits, Catalog(root / "catalog"), cfg, data=data)
+
+
+@pytest.fixture
+def catalog(tiny_catalog, tmp_path):
+    """A copy of the tiny catalog whose accuracies rise with FLOPs (1-epoch tiny anchors give
+    near-random ones), so that max_accuracy and min_energy pick different models."""
+    from stitch_lib.catalog import Catalog
+
+    shutil.copytree(tiny_catalog.root, tmp_path / "catalog")
+    cat = Catalog.load(tmp_path / "catalog")
+    for rank, e in enumerate(sorted(cat.entries, key=lambda e: e.flops)):
+        e.test_acc = 0.5 + 0.01 * rank
+    cat.save()
+    return cat
+
+
+@pytest.fixture
+def loop(broker, catalog, tmp_path, keys):
+    """A controller and agents against `broker` (see tests/fleetloop.py)."""
+    from fleetloop import Loop
+
+    lp = Loop(broker, catalog, tmp_path, keys)
+    yield lp
+    lp.close()

@@ -1,102 +1,15 @@
 """The closed loop against a real Mosquitto: controller, real agents, simulated resources."""
-import base64
 import json
-import shutil
 import time
 
 import pytest
 import yaml
 
-from device_agent.agent import Agent, AgentConfig
-from fleet_controller.service import Controller
-from fleet_protocol.messages import Ack, Desired, decode, encode
-from fleet_protocol.mqtt import ClientHost, make_client, parse_url
-from fleet_protocol.topics import Topics
-from simulators.devices import CLASSES, SimResources, SimState
-from device_agent.cache import SegmentCache, SegmentRegistry, provision
+from device_agent.cache import SegmentCache
+from fleet_protocol.mqtt import make_client, parse_url
+from fleetloop import T, Loop, healthy, write_policy
 from stitch_lib.catalog import Catalog
 
-T = Topics()
-
-
-def write_policy(path, catalog_dir, **defaults):
-    doc = {"catalog": str(catalog_dir), "reconcile_interval_s": 1,
-           "defaults": {"objective": "max_accuracy",
-                        "battery_modes": [{"below": 0.3, "objective": "min_energy"}],
-                        "hysteresis": {"min_dwell_s": 0, "min_gain": 0.0},
-                        "finetune_on_demand": False, **defaults}}
-    path.write_text(yaml.safe_dump(doc))
-    return path
-
-
-class Loop:
-    """A controller and agents on one ClientHost, run from the test's thread."""
-
-    def __init__(self, broker, catalog, tmp_path, **policy):
-        self.broker, self.catalog, self.tmp = broker, catalog, tmp_path
-        self.host = ClientHost()
-        self.policy = write_policy(tmp_path / "fleet.yaml", catalog.root, **policy)
-        self.registry = SegmentRegistry()
-        self.agents: dict[str, Agent] = {}
-        self.controller = None
-
-    def start_controller(self):
-        self.controller = Controller(self.policy, self.tmp / "ctl", self.host)
-        self.controller.start(*parse_url(self.broker.url))
-        return self.controller
-
-    def add_agent(self, dev_id, cls="rpi4", battery=0.9, provisioned=True, **cfg):
-        cache_dir = self.tmp / "dev" / dev_id
-        if provisioned:
-            provision(SegmentCache(cache_dir), self.catalog)
-        res = SimResources(CLASSES[cls], SimState(battery=battery))
-        agent = Agent(AgentConfig(dev_id, cache_dir, telemetry_period=0.2, **cfg), res, self.host,
-                      self.registry)
-        agent.start(*parse_url(self.broker.url))
-        self.agents[dev_id] = agent
-        return agent
-
-    def run_until(self, cond, timeout=20.0):
-        self.host.run(until=cond, timeout=timeout)
-        assert cond(), f"condition not reached in time: {self.describe()}"
-
-    def describe(self) -> str:
-        deps = self.controller.store.deployments() if self.controller else []
-        return (f"agents {[(a.cfg.device_id, dict(a.stats), self.running(i)) for i, a in self.agents.items()]}"
-                f"; deployments {[(d.id, d.hybrid, d.status, d.reason) for d in deps]}")
-
-    def running(self, dev_id):
-        cur = self.agents[dev_id].slot.get()
-        return cur.hybrid if cur else None
-
-    def close(self):
-        if self.controller:
-            self.controller.stop()
-        self.host.run(timeout=0.2)
-        self.host.close()
-
-
-@pytest.fixture
-def catalog(tiny_catalog, tmp_path):
-    """A copy of the tiny catalog whose accuracies rise with FLOPs (1-epoch tiny anchors give
-    near-random ones), so that max_accuracy and min_energy pick different models."""
-    shutil.copytree(tiny_catalog.root, tmp_path / "catalog")
-    cat = Catalog.load(tmp_path / "catalog")
-    for rank, e in enumerate(sorted(cat.entries, key=lambda e: e.flops)):
-        e.test_acc = 0.5 + 0.01 * rank
-    cat.save()
-    return cat
-
-
-@pytest.fixture
-def loop(broker, catalog, tmp_path):
-    lp = Loop(broker, catalog, tmp_path)
-    yield lp
-    lp.close()
-
-
-def healthy(agent):
-    return agent.stats["HEALTHY"]
 
 
 def test_low_battery_gets_a_cheaper_hybrid(loop, catalog):
@@ -137,37 +50,9 @@ def test_missing_segments_are_fetched_and_resume_after_a_broker_restart(loop, br
     assert agent.stats["FETCHING"] >= 1
 
 
-def test_tampered_delta_is_refused_while_the_old_model_serves(loop, catalog):
-    ctl = loop.start_controller()
-    agent = loop.add_agent("rpi4-001")
-    loop.run_until(lambda: healthy(agent) >= 1)
-    before = loop.running("rpi4-001")
-    hybrid = next(e for e in catalog.hybrids if e.id != before)
-    front, back = ctl.artifacts.split(hybrid)
-    delta = ctl.artifacts.delta(hybrid)
-    blob = bytearray(base64.b64decode(delta.data))
-    blob[len(blob) // 2] ^= 0x01  # one flipped bit, same size
-    forged = delta.model_copy(update={"data": base64.b64encode(bytes(blob)).decode()})
-    desired = Desired(generation=99, deployment_id="forged", hybrid=hybrid.id, front=front,
-                      back=back, stitch=forged, ts=time.time())
-    acks = []
-    spy = make_client("spy")
-    spy.on_message = lambda c, u, m: acks.append(decode(Ack, m.payload))
-    spy.on_connect = lambda c, u, f, rc, p: c.subscribe(T.ack("rpi4-001"), qos=1)
-    loop.host.add(spy, *parse_url(loop.broker.url))
-    loop.run_until(lambda: spy.is_connected())
-    spy.publish(T.desired("rpi4-001"), encode(desired), qos=1)
-    loop.run_until(lambda: any(a.status == "FAILED" for a in acks))
-    failed = next(a for a in acks if a.status == "FAILED")
-    assert "sha256" in failed.reason and failed.generation == 99
-    assert loop.running("rpi4-001") == before  # the old model kept serving
-    out, _ = agent.slot.infer(agent.probe)
-    assert out.shape[0] == agent.probe.shape[0]
-
-
 def test_malformed_telemetry_is_dropped_and_counted(loop):
     ctl = loop.start_controller()
-    spam = make_client("spam")
+    spam = make_client("spam", **loop.login("ghost"))  # a device sending garbage
     loop.host.add(spam, *parse_url(loop.broker.url))
     loop.run_until(lambda: spam.is_connected() and ctl.client.is_connected())
     for k in range(300):
@@ -232,11 +117,11 @@ def test_policy_and_provision_commands(catalog, tmp_path, capsys):
     assert len(SegmentCache(tmp_path / "board").ids()) == len(catalog.get("res").segments)
 
 
-def test_ls_hybrid_is_deployed_then_its_finetuned_stitch_follows(broker, catalog, tmp_path):
+def test_ls_hybrid_is_deployed_then_its_finetuned_stitch_follows(broker, catalog, tmp_path, keys):
     target = catalog.hybrids[0]
     target.test_acc = 0.99  # the policy's best: an LS-initialised hybrid
     catalog.save()
-    lp = Loop(broker, catalog, tmp_path, finetune_on_demand=True,
+    lp = Loop(broker, catalog, tmp_path, keys, finetune_on_demand=True,
               hysteresis={"min_dwell_s": 0, "min_gain": 1.0})
     try:
         ctl = lp.start_controller()
@@ -251,8 +136,8 @@ def test_ls_hybrid_is_deployed_then_its_finetuned_stitch_follows(broker, catalog
         lp.close()
 
 
-def test_a_policy_change_rolls_out_in_waves(broker, catalog, tmp_path):
-    lp = Loop(broker, catalog, tmp_path)
+def test_a_policy_change_rolls_out_in_waves(broker, catalog, tmp_path, keys):
+    lp = Loop(broker, catalog, tmp_path, keys)
     doc = yaml.safe_load(lp.policy.read_text())
     doc["rollout"] = {"waves": [25, 100], "wave_interval_s": 2, "max_failure_percent": 50}
     lp.policy.write_text(yaml.safe_dump(doc))

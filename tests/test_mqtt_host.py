@@ -12,6 +12,16 @@ from fleet_protocol.mqtt import Backoff, ClientHost, make_client, parse_url, run
 
 
 @pytest.fixture
+def broker(tmp_path):
+    """These tests are about the transport (arbitrary topics, anonymous clients), so their
+    broker runs without the fleet's logins and ACLs; every fleet test runs with them."""
+    from simulators.broker import start_broker
+
+    with start_broker(tmp_path / "broker", auth=False) as running:
+        yield running
+
+
+@pytest.fixture
 def host():
     h = ClientHost()
     yield h

@@ -41,7 +41,7 @@ def test_messages_round_trip_and_ignore_unknown_fields():
     msgs = [State(device_id="d1", online=True, session=5, ts=1.0, segments=["a" * 64]),
             Telemetry(seq=1, ts=1.0, cpu=0.5, mem_free_mb=100, battery=0.3, temp_c=40),
             Ack(device_id="d1", deployment_id="dep1", generation=2, status="HEALTHY", ts=2.0),
-            ArtifactRequest(artifact="seg1", chunks=[0, 3]),
+            ArtifactRequest(artifact="5e" * 32, chunks=[0, 3]),
             ControllerState(online=True, session=1, ts=0.0), Rebirth(ts=0.0)]
     for m in msgs:
         assert decode(type(m), encode(m)) == m
@@ -93,7 +93,7 @@ def test_segment_artifact_and_chunks():
     assert meta == {"model": "test_resnet", "index": 1} and np.array_equal(tensors["0.weight"], w["0.weight"])
     with pytest.raises(codec.ArtifactError, match="mismatch"):
         codec.unpack_segment(blob + b"x", codec.sha256_hex(blob))
-    chunk = ArtifactChunk(artifact="s", index=0, total=1, size=len(blob),
+    chunk = ArtifactChunk(artifact="5e" * 32, index=0, total=1, size=len(blob),
                           artifact_sha256=codec.sha256_hex(blob), sha256=codec.sha256_hex(blob),
                           data=codec.b64(blob))
     assert codec.unb64(chunk.data, 10**6) == blob
@@ -103,4 +103,4 @@ def test_segment_artifact_and_chunks():
 
 def test_desired_requires_a_generation_and_segments():
     with pytest.raises(ProtocolError, match="generation"):
-        decode(Desired, b'{"generation": 0, "deployment_id": "d", "hybrid": "h", "front": [], "ts": 1}')
+        decode(Desired, b'{"device_id": "a", "generation": 0, "deployment_id": "d", "hybrid": "h", "front": [], "ts": 1}')

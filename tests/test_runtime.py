@@ -24,7 +24,8 @@ class Gate(nn.Module):
 
 
 def loaded(module, gen):
-    d = Desired(generation=gen, deployment_id=f"d{gen}", hybrid=f"h{gen}", front=["s"], ts=0.0)
+    d = Desired(device_id="a", generation=gen, deployment_id=f"d{gen}", hybrid=f"h{gen}",
+                front=["5e" * 32], ts=0.0)
     return Loaded(module, d, flops=1)
 
 

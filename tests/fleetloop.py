@@ -1,0 +1,99 @@
+"""The closed loop's test harness: a controller and real agents on one ClientHost, against a
+real Mosquitto with authentication on and signed deployments."""
+import yaml
+
+from device_agent.agent import Agent, AgentConfig
+from device_agent.cache import SegmentCache, SegmentRegistry, provision
+from fleet_controller.service import Controller
+from fleet_protocol.mqtt import ClientHost, make_client, parse_url
+from fleet_protocol.signing import load_public
+from fleet_protocol.topics import Topics
+from simulators.devices import CLASSES, SimResources, SimState
+
+T = Topics()
+
+
+def write_policy(path, catalog_dir, **defaults):
+    doc = {"catalog": str(catalog_dir), "reconcile_interval_s": 1,
+           "defaults": {"objective": "max_accuracy",
+                        "battery_modes": [{"below": 0.3, "objective": "min_energy"}],
+                        "hysteresis": {"min_dwell_s": 0, "min_gain": 0.0},
+                        "finetune_on_demand": False, **defaults}}
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+class Loop:
+    """A controller and agents on one ClientHost, run from the test's thread."""
+
+    def __init__(self, broker, catalog, tmp_path, keys, **policy):
+        self.broker, self.catalog, self.tmp, self.keys = broker, catalog, tmp_path, keys
+        self.trust = (load_public(keys / "controller.pub"),)
+        self.host = ClientHost()
+        self.policy = write_policy(tmp_path / "fleet.yaml", catalog.root, **policy)
+        self.registry = SegmentRegistry()
+        self.agents: dict[str, Agent] = {}
+        self.controller = None
+
+    def start_controller(self):
+        self.controller = Controller(self.policy, self.tmp / "ctl", self.host, self.keys,
+                                     **self.login("controller"))
+        self.controller.start(*parse_url(self.broker.url))
+        return self.controller
+
+    def add_agent(self, dev_id, cls="rpi4", battery=0.9, provisioned=True, **cfg):
+        cache_dir = self.tmp / "dev" / dev_id
+        if provisioned:
+            provision(SegmentCache(cache_dir), self.catalog)
+        res = SimResources(CLASSES[cls], SimState(battery=battery))
+        agent = Agent(AgentConfig(dev_id, cache_dir, telemetry_period=0.2, trust=self.trust,
+                                  **self.login(dev_id), **cfg), res, self.host, self.registry)
+        agent.start(*parse_url(self.broker.url))
+        self.agents[dev_id] = agent
+        return agent
+
+    def run_until(self, cond, timeout=20.0):
+        self.host.run(until=cond, timeout=timeout)
+        assert cond(), f"condition not reached in time: {self.describe()}"
+
+    def describe(self) -> str:
+        deps = self.controller.store.deployments() if self.controller else []
+        return (f"agents {[(a.cfg.device_id, dict(a.stats), self.running(i)) for i, a in self.agents.items()]}"
+                f"; deployments {[(d.id, d.hybrid, d.status, d.reason) for d in deps]}")
+
+    def spy(self, name, topic):
+        """A client logged in as the controller, collecting (topic, payload) of what arrives
+        on `topic`; it may also publish what only the controller may (desired states)."""
+        got = []
+        c = make_client(name, **self.login("controller"))
+        c.on_message = lambda cl, u, m: got.append((m.topic, m.payload))
+        c.on_connect = lambda cl, u, f, rc, p: cl.subscribe(topic, qos=1)
+        self.host.add(c, *parse_url(self.broker.url))
+        self.run_until(lambda: c.is_connected())
+        return c, got
+
+    def login(self, user):
+        """make_client's username/password for `user` (a device user is added if new)."""
+        creds = self.credentials([user])
+        return {} if creds is None else {"username": user, "password": creds[user]}
+
+    def credentials(self, users):
+        """The broker's credentials, with `users` added if new; None if it is anonymous."""
+        if self.broker.creds is not None and set(users) - set(self.broker.creds):
+            self.broker.add_devices(sorted(set(users) - set(self.broker.creds)))
+        return self.broker.creds
+
+    def running(self, dev_id):
+        cur = self.agents[dev_id].slot.get()
+        return cur.hybrid if cur else None
+
+    def close(self):
+        if self.controller:
+            self.controller.stop()
+        self.host.run(timeout=0.2)
+        self.host.close()
+
+
+def healthy(agent):
+    return agent.stats["HEALTHY"]
+
