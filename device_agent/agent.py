@@ -197,7 +197,7 @@ class Agent:
     # --- trust: nothing unsigned, foreign or old gets past here --------------------------
     def _on_keys(self, payload: bytes) -> None:
         if not self.keyring.accept(payload):
-            return  # the key set already in force (a retained re-delivery)
+            return  # the keys already in force (a re-delivery, or a controller restart)
         atomic_write(self.cfg.cache_dir / "trust.json", self.keyring.to_json())
         log.info("%s: now trusting keys %s", self.cfg.device_id, sorted(self.keyring.keys))
         self._birth()

@@ -186,7 +186,8 @@ class Keyring:
         return msg
 
     def accept(self, payload: bytes) -> bool:
-        """Adopt a signed key set if a trusted key signed it and it is newer; True if adopted."""
+        """Adopt a signed key set if a trusted key signed it and it is newer; True if the
+        trusted keys changed (a controller re-announcing the same keys changes only `seq`)."""
         ks = self.open(KeySet, payload)
         if ks.seq <= self.seq:
             return False
@@ -199,8 +200,10 @@ class Keyring:
             if key_id(pub) != k.key:
                 raise SignatureError(f"key set: key {k.key} does not match its bytes")
             keys.append(pub)
-        self.keys, self.seq = {key_id(k): k for k in keys}, ks.seq
-        return True
+        new = {key_id(k): k for k in keys}
+        changed = new.keys() != self.keys.keys()
+        self.keys, self.seq = new, ks.seq
+        return changed
 
     def to_json(self) -> bytes:
         return json.dumps({"seq": self.seq, "keys": [

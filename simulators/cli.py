@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 import yaml
 
+from fleet_protocol.brokerconf import Credentials
 from fleet_protocol.signing import load_public
 
 from .fleet import Scenario, SimFleet
@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
     scenario = load_scenario(args.scenario)
     try:
         trust = (load_public(args.trust),)
-        creds = json.loads(args.credentials.read_text()) if args.credentials else None
+        creds = Credentials.load(args.credentials) if args.credentials else None
     except (OSError, ValueError) as exc:
         raise SystemExit(f"restnet simulate: {exc}") from exc
     fleet = SimFleet(args.devices, args.broker, args.catalog, args.workdir,
