@@ -61,6 +61,7 @@ class AgentConfig:
     chunk_size: int = 64 * 1024  # segment download chunks
     username: str | None = None
     password: str | None = None
+    tls_ca: Path | None = None  # TLS to the broker, checked against this CA
     trust: tuple = ()  # the controller's Ed25519 public keys, until a signed key set replaces them
 
 
@@ -101,7 +102,8 @@ class Agent:
                      ts=self.clock())
         self.client = make_client(self.cfg.device_id, will=(self.t.state(self.cfg.device_id),
                                                              encode(will)),
-                                  username=self.cfg.username, password=self.cfg.password)
+                                  username=self.cfg.username, password=self.cfg.password,
+                                  tls_ca=self.cfg.tls_ca)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.host.add(self.client, broker_host, port)

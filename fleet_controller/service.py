@@ -51,8 +51,8 @@ class Controller:
     """One controller process. `start()` connects it through `host` and starts its jobs."""
 
     def __init__(self, policy_path: Path, state_dir: Path, host: ClientHost, keys: Path,
-                 topics: Topics = Topics(), clock=time.time,
-                 username: str | None = None, password: str | None = None) -> None:
+                 topics: Topics = Topics(), clock=time.time, username: str | None = None,
+                 password: str | None = None, tls_ca: Path | None = None) -> None:
         self.policy_path, self.host, self.t, self.clock = Path(policy_path), host, topics, clock
         self.keydir = KeyDir(keys)
         self.signing, self.retiring = self.keydir.load()  # every desired state is signed
@@ -89,7 +89,7 @@ class Controller:
             doc["cached"] = frozenset(doc.get("cached", ()))
             self.twins[device_id] = Twin(**doc)
         self.client: mqtt.Client | None = None
-        self.username, self.password = username, password
+        self.login = {"username": username, "password": password, "tls_ca": tls_ca}
         self.scheduler = BackgroundScheduler(job_defaults={
             "misfire_grace_time": None, "coalesce": True, "max_instances": 1})
 
@@ -101,7 +101,7 @@ class Controller:
     def start(self, broker_host: str, port: int) -> None:
         will = ControllerState(online=False, session=self.session, ts=self.clock())
         self.client = make_client(f"controller-{self.session}", will=(self.t.ctl_state, encode(will)),
-                                  username=self.username, password=self.password)
+                                  **self.login)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.host.add(self.client, broker_host, port)

@@ -47,13 +47,17 @@ def parse_url(url: str) -> tuple[str, int]:
 
 
 def make_client(client_id: str, *, will: tuple[str, bytes] | None = None,
-                username: str | None = None, password: str | None = None) -> Client:
-    """A paho 2.x MQTTv5 client; the optional will (topic, payload) is retained, QoS 1."""
+                username: str | None = None, password: str | None = None,
+                tls_ca: Path | None = None) -> Client:
+    """A paho 2.x MQTTv5 client; the optional will (topic, payload) is retained, QoS 1. With
+    `tls_ca` it speaks TLS and checks the broker's certificate against that CA."""
     client = Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTv5)
     if will is not None:
         client.will_set(will[0], will[1], qos=1, retain=True)
     if username is not None:
         client.username_pw_set(username, password)
+    if tls_ca is not None:
+        client.tls_set(ca_certs=str(tls_ca))
     return client
 
 
@@ -358,18 +362,23 @@ def add_connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--username", help="broker user (a device's user is its device ID)")
     p.add_argument("--password-file", type=Path,
                    help="file holding the broker password (kept off the command line)")
+    p.add_argument("--tls-ca", type=Path,
+                   help="connect with TLS, checking the broker against this CA certificate")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
-def login(args: argparse.Namespace) -> dict[str, str | None]:
-    """`make_client`'s username/password from the options `add_connection_args` added."""
-    if args.password_file is None:
-        return {"username": args.username, "password": None}
-    try:
-        password = args.password_file.read_text().strip()
-    except OSError as exc:
-        raise SystemExit(f"cannot read --password-file: {exc}") from None
-    return {"username": args.username, "password": password}
+def login(args: argparse.Namespace) -> dict:
+    """`make_client`'s username, password and tls_ca from the options of
+    `add_connection_args`."""
+    password = None
+    if args.password_file is not None:
+        try:
+            password = args.password_file.read_text().strip()
+        except OSError as exc:
+            raise SystemExit(f"cannot read --password-file: {exc}") from None
+    if args.tls_ca is not None and not args.tls_ca.is_file():
+        raise SystemExit(f"--tls-ca {args.tls_ca}: no such file")
+    return {"username": args.username, "password": password, "tls_ca": args.tls_ca}
 
 
 def setup_logging(verbose: bool) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from fleet_controller.cli import broker_main
 from fleet_protocol.brokerconf import Credentials, TlsFiles, hash_password
-from fleet_protocol.mqtt import make_client
+from fleet_protocol.mqtt import ClientHost, make_client
 from simulators.broker import MOSQUITTO, connack, start_broker
 
 pytestmark = pytest.mark.skipif(not MOSQUITTO.exists(), reason="mosquitto not installed")
@@ -209,6 +209,28 @@ def test_tls_listener(broker):
     rc = connack(broker.host, broker.tls_port, "d2", "wrong", ca_certs=ca)
     assert rc is not None and rc.value == NOT_AUTHORIZED
     assert not connack(broker.host, broker.port, "d2", broker.creds["d2"]).is_failure
+
+
+def test_fleet_clients_speak_tls_through_the_client_host(broker):
+    """A device on the TLS port (make_client(tls_ca=...) driven by ClientHost's epoll loop)
+    gets what the controller publishes on the plain port."""
+    host, got, subscribed = ClientHost(), [], []
+    dev = make_client("d1-tls", username="d1", password=broker.creds["d1"],
+                      tls_ca=broker.tls_files.cafile)
+    dev.on_connect = lambda c, u, f, rc, p: c.subscribe(f"{R}/dev/d1/desired", qos=1)
+    dev.on_subscribe = lambda c, u, mid, rcs, p: subscribed.append(mid)
+    dev.on_message = lambda c, u, m: got.append(m.payload)
+    ctl = make_client("ctl-plain", username="controller", password=broker.creds["controller"])
+    try:
+        host.add(dev, broker.host, broker.tls_port)
+        host.add(ctl, broker.host, broker.port)
+        host.run(until=lambda: subscribed and ctl.is_connected(), timeout=10)
+        assert subscribed and ctl.is_connected()
+        ctl.publish(f"{R}/dev/d1/desired", b"over tls", qos=1)
+        host.run(until=lambda: b"over tls" in got, timeout=10)  # after any retained one
+        assert b"over tls" in got
+    finally:
+        host.close()
 
 
 def test_cli_config(tmp_path, capsys):
