@@ -28,7 +28,7 @@ from fleet_protocol import codec
 from fleet_protocol.messages import (Ack, ArtifactChunk, ArtifactRequest, Desired, ProtocolError,
                                      Rebirth, State, Telemetry, decode, encode)
 from fleet_protocol.mqtt import ClientHost, make_client
-from fleet_protocol.signing import Keyring, SignatureError, UntrustedKey, unverified
+from fleet_protocol.signing import Keyring, SignatureError, unverified
 from fleet_protocol.topics import Topics
 from stitch_lib.cost import flops
 from stitch_lib.files import atomic_write
@@ -46,6 +46,11 @@ def _crash_point(name: str) -> None:
     """Die right here, as a power cut would, if the crash tests asked for it."""
     if os.environ.get(CRASH_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _disk(exc: Exception) -> str:
+    """The reason prefix an operator greps for when the cache's file system is full."""
+    return "disk full: " if isinstance(exc, OSError) and exc.errno == errno.ENOSPC else ""
 
 
 @dataclass
@@ -90,7 +95,6 @@ class Agent:
         self.applied = 0  # generation running (or last refused): older desired states are ignored
         self.pending: Desired | None = None
         self.fetching: dict[str, _Fetch] = {}
-        self.held: bytes | None = None  # a desired state signed by a key not (yet) trusted
         self.keyring = Keyring(list(cfg.trust))
         self.client: mqtt.Client | None = None
         self.probe = cfg.probe[0] if cfg.probe is not None else torch.zeros(2, *cfg.input_shape)
@@ -203,9 +207,6 @@ class Agent:
         atomic_write(self.cfg.cache_dir / "trust.json", self.keyring.to_json())
         log.info("%s: now trusting keys %s", self.cfg.device_id, sorted(self.keyring.keys))
         self._birth()
-        if self.held is not None:  # it may have been signed by a key this set introduced
-            payload, self.held = self.held, None
-            self._on_signed_desired(payload)
 
     def _on_signed_desired(self, payload: bytes) -> None:
         """Verify before anything else; refuse with a FAILED ack naming the reason."""
@@ -217,7 +218,6 @@ class Agent:
         try:
             self.keyring.verify(env)
         except SignatureError as exc:
-            self.held = payload if isinstance(exc, UntrustedKey) else None
             self._refuse(d, "refused", f"signature: {exc}")
         else:
             if d.device_id != self.cfg.device_id:
@@ -242,7 +242,8 @@ class Agent:
         missing = [s for s in dict.fromkeys(d.front + d.back) if not self.cache.has(s)]
         for seg_id in missing:
             if seg_id not in self.fetching:  # resume what an earlier run began
-                total, held = self.cache.in_progress(seg_id) or (None, set())
+                total, held = (self.cache.in_progress(seg_id, self.cfg.chunk_size)
+                               or (None, set()))
                 self.fetching[seg_id] = _Fetch(total, held, self.clock())
             self._request(seg_id)
         if missing:
@@ -287,8 +288,7 @@ class Agent:
                 self.cache.put_chunk(c.artifact, c.index, data)
             except OSError as exc:  # e.g. a full disk: the old model keeps serving
                 self.fetching.pop(c.artifact)
-                full = "disk full: " if exc.errno == errno.ENOSPC else ""
-                self._fail_pending(f"{full}cache write failed: {exc.strerror or exc}")
+                self._fail_pending(f"{_disk(exc)}cache write failed: {exc.strerror or exc}")
                 return
             f.held.add(c.index)
             _crash_point(f"chunk:{len(f.held)}")
@@ -299,7 +299,7 @@ class Agent:
         try:
             self.cache.assemble(c.artifact)
         except (codec.ArtifactError, OSError) as exc:
-            self._fail_pending(f"segment {c.artifact[:12]}: {exc}")
+            self._fail_pending(f"{_disk(exc)}segment {c.artifact[:12]}: {exc}")
             return
         d = self.pending
         if d is None:
@@ -390,7 +390,11 @@ class Agent:
     def _restore(self) -> None:
         trust = self.cfg.cache_dir / "trust.json"
         if trust.is_file():  # a key set accepted earlier replaces the provisioned keys
-            self.keyring = Keyring.from_json(trust.read_bytes())
+            try:
+                self.keyring = Keyring.from_json(trust.read_bytes())
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("%s: %s is damaged (%s); trusting the provisioned keys",
+                          self.cfg.device_id, trust, exc)
         path = self.cfg.cache_dir / "applied.json"
         if not path.is_file():
             return

@@ -81,13 +81,16 @@ class SegmentCache:
         atomic_write(d / "meta.json", json.dumps(meta).encode())
         return set()
 
-    def in_progress(self, seg_id: str) -> tuple[int, set[int]] | None:
+    def in_progress(self, seg_id: str, chunk_size: int) -> tuple[int, set[int]] | None:
         """(total chunks, chunk indices held) of a download begun earlier, e.g. before a
-        crash; None if there is none."""
+        crash, in chunks of `chunk_size`; None if there is none (or it used another size)."""
         d = self._partial(seg_id)
         try:
-            total = int(json.loads((d / "meta.json").read_text())["total"])
+            meta = json.loads((d / "meta.json").read_text())
+            total, size = int(meta["total"]), int(meta["size"])
         except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if total != max(1, -(-size // chunk_size)):
             return None
         return total, {int(p.stem) for p in d.glob("*.part") if int(p.stem) < total}
 

@@ -108,8 +108,8 @@ def keys_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="restnet keys", description="the controller's Ed25519 signing keys. Rotation: "
         "`rotate` makes a new key while the running controller keeps announcing the old one "
-        "too; once every device reports the new key set (its state's keys_seq), `retire` "
-        "drops the old one.")
+        "too; once every device reports the new key set (keys_seq in its retained state on "
+        "fleet/v1/dev/+/state), `retire` drops the old one.")
     p.add_argument("action", choices=["init", "rotate", "retire", "show"])
     p.add_argument("dir", type=Path, nargs="?", default=Path(".restnet/keys"))
     args = p.parse_args(argv)

@@ -48,7 +48,7 @@ class Sig(Wire):
 class Signed(Wire):
     kind: Literal["signed"] = "signed"
     body: str = Field(max_length=MAX_MESSAGE_BYTES)
-    sigs: list[Sig] = Field(min_length=1, max_length=4)
+    sigs: list[Sig] = Field(min_length=1, max_length=8)
 
 
 class PublicKey(Wire):
@@ -245,7 +245,10 @@ class KeyDir:
 
     def rotate(self) -> SigningKey:
         """Move the signing key to `previous/` and make a new one."""
-        old, _ = self.load()
+        old, previous = self.load()
+        if len(previous) >= 7:  # a key set is signed by every key held: at most 8
+            raise ValueError(f"{len(previous)} keys are already being rotated out; "
+                             "`restnet keys retire` them first")
         old.save(self.root / "previous" / f"{old.id}.key")
         self.current_path.unlink()
         return self.init()

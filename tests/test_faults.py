@@ -111,7 +111,7 @@ def test_agent_killed_mid_download_resumes_with_its_cache_intact(loop, tmp_path)
         proc = spawn(cmd, log, env={CRASH_ENV: "chunk:3"})
         loop.run_until(lambda: proc.poll() is not None, timeout=60)
         assert proc.returncode == -signal.SIGKILL
-        seg_id, (total, held) = next((s, SegmentCache(cache).in_progress(s))
+        seg_id, (total, held) = next((s, SegmentCache(cache).in_progress(s, 4096))
                                      for s in os.listdir(cache / "partial"))
         assert len(held) == 3 and total > 3
         watch.raw.clear()
