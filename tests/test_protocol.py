@@ -104,3 +104,28 @@ def test_segment_artifact_and_chunks():
 def test_desired_requires_a_generation_and_segments():
     with pytest.raises(ProtocolError, match="generation"):
         decode(Desired, b'{"device_id": "a", "generation": 0, "deployment_id": "d", "hybrid": "h", "front": [], "ts": 1}')
+
+
+def test_a_pickle_is_never_loaded_as_weights():
+    """torch.save output (a pickle that could run code) in place of an artifact is refused by
+    the header check, before any loader sees it; no code path from the wire unpickles."""
+    import ast
+    import io
+    from pathlib import Path
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save({"w": torch.zeros(3)}, buf)
+    blob = buf.getvalue()
+    with pytest.raises(codec.ArtifactError, match="safetensors"):
+        codec.unpack_segment(blob, codec.sha256_hex(blob))
+    with pytest.raises(codec.ArtifactError, match="safetensors"):
+        codec.read_header(blob)
+    root = Path(__file__).resolve().parents[1]
+    for package in ("fleet_protocol", "device_agent", "fleet_controller", "simulators"):
+        for path in (root / package).glob("*.py"):
+            calls = {f"{n.func.value.id}.{n.func.attr}" for n in ast.walk(ast.parse(
+                path.read_text())) if isinstance(n, ast.Call)
+                and isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name)}
+            assert not calls & {"torch.load", "pickle.load", "pickle.loads"}, path
