@@ -240,16 +240,23 @@ class Agent:
         self.pending = d
         self._ack(d, "RECEIVED")
         missing = [s for s in dict.fromkeys(d.front + d.back) if not self.cache.has(s)]
+        complete = []  # every chunk arrived before a crash: only the assembly is left
         for seg_id in missing:
             if seg_id not in self.fetching:  # resume what an earlier run began
                 total, held = (self.cache.in_progress(seg_id, self.cfg.chunk_size)
                                or (None, set()))
                 self.fetching[seg_id] = _Fetch(total, held, self.clock())
-            self._request(seg_id)
-        if missing:
-            self._ack(d, "FETCHING", done=0, total=len(missing))
-        else:
+            f = self.fetching[seg_id]
+            if f.total is not None and len(f.held) >= f.total:
+                complete.append(seg_id)
+            else:
+                self._request(seg_id)
+        if not missing:
             self._apply(d)
+            return
+        self._ack(d, "FETCHING", done=0, total=len(missing))
+        for seg_id in complete:
+            self._downloaded(seg_id)
 
     def _request(self, seg_id: str) -> None:
         f = self.fetching[seg_id]
@@ -293,13 +300,17 @@ class Agent:
             f.held.add(c.index)
             _crash_point(f"chunk:{len(f.held)}")
         f.last_progress = self.clock()
-        if len(f.held) < f.total:
-            return
-        self.fetching.pop(c.artifact)
+        if len(f.held) == f.total:
+            self._downloaded(c.artifact)
+
+    def _downloaded(self, seg_id: str) -> None:
+        """Every chunk of `seg_id` is in: assemble and verify it, then apply the pending
+        deployment once it has all its segments."""
+        self.fetching.pop(seg_id)
         try:
-            self.cache.assemble(c.artifact)
+            self.cache.assemble(seg_id)
         except (codec.ArtifactError, OSError) as exc:
-            self._fail_pending(f"{_disk(exc)}segment {c.artifact[:12]}: {exc}")
+            self._fail_pending(f"{_disk(exc)}segment {seg_id[:12]}: {exc}")
             return
         d = self.pending
         if d is None:

@@ -69,8 +69,9 @@ class Controller:
         self.twins: dict[str, Twin] = {}
         self.sessions: dict[str, int] = {}
         self.device_generation: dict[str, int] = {}  # as devices report it: seeds generations
-        self.avoid: dict[str, dict[str, float]] = defaultdict(dict)
+        self.avoid: dict[str, dict[str, float]] = defaultdict(dict)  # device → hybrid → until
         self.triggers: dict[str, float] = {}  # deployment → time of the telemetry that caused it
+        self.sent: dict[str, bytes] = {}  # open deployment → its signed desired state
         self.running_artifact = self.store.running_artifacts()  # device → artifact it runs
         self.finetune_queue: set[str] = set()
         self.stopped = False
@@ -83,6 +84,9 @@ class Controller:
         # the one open deployment per device, mirrored in memory (telemetry is the hot path)
         self.open: dict[str, Deployment] = {d.device_id: d for d in
                                             self.store.deployments(open_only=True)}
+        for d in self.store.deployments():  # failures stay avoided across a restart
+            if d.status in ("FAILED", "ROLLED_BACK") and d.updated + AVOID_S > self.clock():
+                self.avoid[d.device_id][d.hybrid] = d.updated + AVOID_S
         self._rules: dict[tuple, object] = {}  # effective rules, per policy and device
         self._planned: dict[str, tuple] = {}  # device → plan inputs last planned on
         for device_id, doc in self.store.twins().items():
@@ -194,6 +198,12 @@ class Controller:
             if dep is not None and s.generation >= dep.generation:  # settled while we were away
                 status = "HEALTHY" if s.hybrid == dep.hybrid else "FAILED"
                 self._settle(dep, status, now, "settled by device state")
+            elif dep is not None and dep.id in self.sent:
+                # a broker that crashed may have lost the retained desired state: say it again
+                # (a device already working on it ignores the same generation)
+                self.client.publish(self.t.desired(device), self.sent[dep.id], qos=1,
+                                    retain=True)
+                self.stats["republished"] += 1
         self._save_twin(twin)
 
     def _on_telemetry(self, device: str, m: Telemetry, now: float) -> None:
@@ -235,6 +245,7 @@ class Controller:
             self.running_artifact[dep.device_id] = dep.artifact
         if not dep.open:
             self.open.pop(dep.device_id, None)
+            self.sent.pop(dep.id, None)
 
     def _rule(self, policy: FleetPolicy, device: str, twin: Twin):
         key = (id(policy), device, twin.device_class, tuple(sorted(twin.tags.items())))
@@ -312,6 +323,7 @@ class Controller:
                          now, now, len(payload), entry.artifact or "")
         self.store.add_deployment(dep)
         self.open[device] = dep
+        self.sent[dep.id] = payload
         self.client.publish(self.t.desired(device), payload, qos=1, retain=True)
         self.metrics.desired_bytes += len(payload)
         self.metrics.whole_model_bytes += entry.model_bytes

@@ -122,12 +122,20 @@ class SimFleet:
                 self.host.run_once(0.01)
 
     def _link(self, d: SimDevice) -> None:
-        """The device's link, applied to what it receives: each message arrives after the link
-        latency and transfer time, some QoS 0 ones are lost, and while the device is cut off
-        nothing arrives and it cannot connect."""
+        """The device's link: what it receives arrives after the link latency and transfer
+        time; a share of the QoS 0 messages it sends or receives (telemetry) is lost; while
+        the device is cut off nothing arrives and it cannot connect."""
         client = d.agent.client
-        handler, reconnect = client.on_message, client.reconnect
+        handler, reconnect, publish = client.on_message, client.reconnect, client.publish
         cls = d.res.cls
+
+        def lost(qos: int) -> bool:
+            return qos == 0 and d.res.rng.random() < cls.link_loss + d.res.state.extra_loss
+
+        def send(topic, payload=None, qos=0, retain=False, properties=None):
+            if lost(qos):
+                return None  # the agent ignores what publish() returns
+            return publish(topic, payload, qos, retain, properties)
 
         def connect():
             if time.monotonic() < d.down_until:
@@ -136,15 +144,14 @@ class SimFleet:
 
         def deliver(client, userdata, msg) -> None:
             st = d.res.state  # scenarios replace it: read it at each message
-            if time.monotonic() < d.down_until:
-                return
-            if msg.qos == 0 and d.res.rng.random() < cls.link_loss + st.extra_loss:
+            if time.monotonic() < d.down_until or lost(msg.qos):
                 return
             delay = (cls.link_ms * st.link_factor + len(msg.payload) * 8 / cls.link_kbps) / 1e3
             self.host.call_later(delay, lambda: handler(client, userdata, msg))
 
         client.on_message = deliver
         client.reconnect = connect
+        client.publish = send
 
     def cut(self, devices: list[SimDevice], seconds: float) -> None:
         """Partition `devices` for `seconds`: their connections drop (the broker publishes their

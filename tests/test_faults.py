@@ -1,11 +1,14 @@
 """Faults against a real Mosquitto, each bounded in time: the broker killed mid-rollout, the
 controller SIGKILLed mid-rollout, an agent killed mid-download and mid-swap, lossy and
 partitioned links, a full disk. The fleet must converge; nothing may be lost or half-built."""
+import base64
 import os
 import signal
 import subprocess
 import sys
 import time
+
+import pytest
 
 from device_agent.agent import CRASH_ENV
 from device_agent.cache import SegmentCache, SegmentRegistry, provision
@@ -45,9 +48,22 @@ def test_broker_killed_mid_rollout_every_device_converges(loop, broker):
     assert no_duplicates(ctl.store.deployments())
 
 
-def spawn(args, log, env=None):
-    return subprocess.Popen([sys.executable, "-m", "restnet.cli", *args], stdout=log,
-                            stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+@pytest.fixture
+def spawn(tmp_path):
+    """Start `restnet ARGS...` as a process (output in tmp_path/<name>.log); every process
+    started is killed when the test ends, whatever happened."""
+    procs = []
+
+    def start(name, args, env=None):
+        with open(tmp_path / f"{name}.log", "ab") as log:
+            procs.append(subprocess.Popen([sys.executable, "-m", "restnet.cli", *args],
+                                          stdout=log, stderr=subprocess.STDOUT,
+                                          env={**os.environ, **(env or {})}))
+        return procs[-1]
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()
 
 
 def connection(loop, user, tmp_path):
@@ -60,33 +76,27 @@ def connection(loop, user, tmp_path):
     return args
 
 
-def test_controller_sigkilled_mid_rollout_resumes_from_its_store(loop, tmp_path):
-    with open(tmp_path / "controller.log", "ab") as log:
-        cmd = ["controller", "--policy", str(loop.policy), "--state-dir", str(tmp_path / "ctl"),
-               "--keys", str(loop.keys), *connection(loop, "controller", tmp_path)]
-        proc = spawn(cmd, log)
-        try:
-            agents = [loop.add_agent(f"jetson-1{k:02d}", cls="jetson", provisioned=False,
-                                     chunk_size=1024) for k in range(4)]
-            loop.run_until(lambda: any(a.fetching for a in agents), timeout=60)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            mid = [a.cfg.device_id for a in agents if not healthy(a)]
-            assert mid, "the rollout finished before the controller was killed"
-            proc = spawn(cmd, log)  # the same store
-            loop.run_until(lambda: all(healthy(a) >= 1 for a in agents), timeout=90)
-            store = Store(tmp_path / "ctl" / "controller.sqlite")
-            loop.run_until(lambda: not store.deployments(open_only=True), timeout=30)
-            deps = store.deployments()
-            assert no_duplicates(deps)
-            for a in agents:  # none lost: each device's last deployment is what it runs
-                mine = [d for d in deps if d.device_id == a.cfg.device_id]
-                assert mine[-1].status == "HEALTHY"
-                assert mine[-1].hybrid == loop.running(a.cfg.device_id)
-            store.close()
-        finally:
-            proc.kill()
-            proc.wait()
+def test_controller_sigkilled_mid_rollout_resumes_from_its_store(loop, tmp_path, spawn):
+    cmd = ["controller", "--policy", str(loop.policy), "--state-dir", str(tmp_path / "ctl"),
+           "--keys", str(loop.keys), *connection(loop, "controller", tmp_path)]
+    proc = spawn("controller", cmd)
+    agents = [loop.add_agent(f"jetson-1{k:02d}", cls="jetson", provisioned=False,
+                             chunk_size=1024) for k in range(4)]
+    loop.run_until(lambda: any(a.fetching for a in agents), timeout=60)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not all(healthy(a) for a in agents), "the rollout ended before the kill"
+    spawn("controller", cmd)  # a new process on the same store
+    loop.run_until(lambda: all(healthy(a) >= 1 for a in agents), timeout=90)
+    store = Store(tmp_path / "ctl" / "controller.sqlite")
+    loop.run_until(lambda: not store.deployments(open_only=True), timeout=30)
+    deps = store.deployments()
+    store.close()
+    assert no_duplicates(deps)
+    for a in agents:  # none lost: each device's last deployment is what it runs
+        mine = [d for d in deps if d.device_id == a.cfg.device_id]
+        assert mine[-1].status == "HEALTHY"
+        assert mine[-1].hybrid == loop.running(a.cfg.device_id)
 
 
 class Watch:
@@ -94,34 +104,32 @@ class Watch:
 
     def __init__(self, loop, dev):
         self.client, self.raw = loop.spy(f"watch-{dev}", f"fleet/v1/+/{dev}/#")
-        self.dev = dev
 
     def of(self, cls, suffix):
         return [decode(cls, p) for t, p in self.raw if t.endswith(suffix) and p]
 
 
-def test_agent_killed_mid_download_resumes_with_its_cache_intact(loop, tmp_path):
+def agent_cmd(loop, dev, cache, tmp_path, *extra):
+    return ["agent", "--device-id", dev, "--cache", str(cache), "--telemetry-period", "0.5",
+            "--trust", str(loop.keys / "controller.pub"), *extra,
+            *connection(loop, dev, tmp_path)]
+
+
+def test_agent_killed_mid_download_resumes_with_its_cache_intact(loop, tmp_path, spawn):
     loop.start_controller()
     dev, cache = "board-001", tmp_path / "board-001"
     watch = Watch(loop, dev)
-    cmd = ["agent", "--device-id", dev, "--cache", str(cache), "--telemetry-period", "0.5",
-           "--chunk-size", "4096", "--trust", str(loop.keys / "controller.pub"),
-           *connection(loop, dev, tmp_path)]
-    with open(tmp_path / "agent.log", "ab") as log:
-        proc = spawn(cmd, log, env={CRASH_ENV: "chunk:3"})
-        loop.run_until(lambda: proc.poll() is not None, timeout=60)
-        assert proc.returncode == -signal.SIGKILL
-        seg_id, (total, held) = next((s, SegmentCache(cache).in_progress(s, 4096))
-                                     for s in os.listdir(cache / "partial"))
-        assert len(held) == 3 and total > 3
-        watch.raw.clear()
-        proc = spawn(cmd, log)  # restarted, no fault this time
-        try:
-            loop.run_until(lambda: any(a.status == "HEALTHY" for a in watch.of(Ack, "/ack")),
-                           timeout=90)
-        finally:
-            proc.terminate()
-            proc.wait()
+    cmd = agent_cmd(loop, dev, cache, tmp_path, "--chunk-size", "4096")
+    proc = spawn(dev, cmd, env={CRASH_ENV: "chunk:3"})
+    loop.run_until(lambda: proc.poll() is not None, timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    seg_id, (total, held) = next((s, SegmentCache(cache).in_progress(s, 4096))
+                                 for s in os.listdir(cache / "partial"))
+    assert len(held) == 3 and total > 3
+    watch.raw.clear()
+    spawn(dev, cmd)  # restarted, no fault this time
+    loop.run_until(lambda: any(a.status == "HEALTHY" for a in watch.of(Ack, "/ack")),
+                   timeout=90)
     resumed = next(r for r in watch.of(ArtifactRequest, "/req") if r.artifact == seg_id)
     assert sorted(resumed.chunks) == sorted(set(range(total)) - held)  # only what was missing
     c = SegmentCache(cache)
@@ -130,40 +138,51 @@ def test_agent_killed_mid_download_resumes_with_its_cache_intact(loop, tmp_path)
         registry.get(s, lambda: c.read(s))
 
 
-def test_agent_killed_mid_swap_serves_the_old_model_then_the_new(loop, catalog, keys, tmp_path):
+def test_a_download_complete_before_a_crash_is_assembled_without_asking(loop, catalog):
+    """Every chunk was on disk, the agent died before assembling: nothing is fetched again."""
+    ctl = loop.start_controller()
+    target = max(catalog.entries, key=lambda e: (e.test_acc, -e.flops))  # what it will get
+    seg_id = ctl.artifacts.split(target)[0][0]
+    cache = SegmentCache(loop.tmp / "dev" / "rpi4-070")
+    first = ctl.artifacts.chunk(seg_id, 0, 64 * 1024)
+    cache.partial(seg_id, first.artifact_sha256, first.size, first.total)
+    for k in range(first.total):
+        cache.put_chunk(seg_id, k, base64.b64decode(ctl.artifacts.chunk(seg_id, k, 64 * 1024).data))
+    _, asked = loop.spy("watch", T.art_req("rpi4-070"))
+    agent = loop.add_agent("rpi4-070", provisioned=False)
+    loop.run_until(lambda: healthy(agent) >= 1, timeout=60)
+    assert agent.cache.has(seg_id)
+    assert all(decode(ArtifactRequest, p).artifact != seg_id for _, p in asked)
+
+
+def test_agent_killed_mid_swap_serves_the_old_model_then_the_new(loop, catalog, keys, tmp_path,
+                                                                  spawn):
     ctl = loop.start_controller()
     dev, cache = "board-002", tmp_path / "board-002"
     provision(SegmentCache(cache), catalog)  # no downloads: the controller goes away below
     watch = Watch(loop, dev)
-    cmd = ["agent", "--device-id", dev, "--cache", str(cache), "--telemetry-period", "0.5",
-           "--trust", str(loop.keys / "controller.pub"), *connection(loop, dev, tmp_path)]
-    with open(tmp_path / "agent.log", "ab") as log:
-        proc = spawn(cmd, log)
-        loop.run_until(lambda: any(a.status == "HEALTHY" for a in watch.of(Ack, "/ack")),
-                       timeout=90)
-        old = ctl.store.deployments(dev)[-1]
-        proc.terminate()
-        proc.wait()
-        ctl.stop()  # from here on the operator alone says what the device should run
-        loop.controller = None
-        new = next(e for e in catalog.entries if e.id != old.hybrid and e.kind == "hybrid")
-        client, _ = loop.spy("operator", "fleet/v1/none")
-        front, back = ctl.artifacts.split(new)
-        d = Desired(device_id=dev, generation=old.generation + 1, deployment_id="op.1",
-                    hybrid=new.id, front=front, back=back, stitch=ctl.artifacts.delta(new),
-                    ts=time.time())
-        client.publish(T.desired(dev), seal(d, [KeyDir(keys).load()[0]]), qos=1, retain=True)
-        proc = spawn(cmd, log, env={CRASH_ENV: "swap"})
-        loop.run_until(lambda: proc.poll() is not None, timeout=60)
-        assert proc.returncode == -signal.SIGKILL
-        watch.raw.clear()
-        proc = spawn(cmd, log)
-        try:
-            loop.run_until(lambda: any(s.online and s.generation == d.generation
-                                       for s in watch.of(State, "/state")), timeout=90)
-        finally:
-            proc.terminate()
-            proc.wait()
+    cmd = agent_cmd(loop, dev, cache, tmp_path)
+    proc = spawn(dev, cmd)
+    loop.run_until(lambda: any(a.status == "HEALTHY" for a in watch.of(Ack, "/ack")), timeout=90)
+    old = ctl.store.deployments(dev)[-1]
+    proc.terminate()
+    proc.wait()
+    ctl.stop()  # from here on the operator alone says what the device should run
+    loop.controller = None
+    new = next(e for e in catalog.entries if e.id != old.hybrid and e.kind == "hybrid")
+    front, back = ctl.artifacts.split(new)
+    d = Desired(device_id=dev, generation=old.generation + 1, deployment_id="op.1",
+                hybrid=new.id, front=front, back=back, stitch=ctl.artifacts.delta(new),
+                ts=time.time())
+    client, _ = loop.spy("operator", "fleet/v1/none")
+    client.publish(T.desired(dev), seal(d, [KeyDir(keys).load()[0]]), qos=1, retain=True)
+    proc = spawn(dev, cmd, env={CRASH_ENV: "swap"})
+    loop.run_until(lambda: proc.poll() is not None, timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    watch.raw.clear()
+    spawn(dev, cmd)
+    loop.run_until(lambda: any(s.online and s.generation == d.generation
+                               for s in watch.of(State, "/state")), timeout=90)
     births = [s for s in watch.of(State, "/state") if s.online]
     assert (births[0].hybrid, births[0].generation) == (old.hybrid, old.generation)
     assert (births[-1].hybrid, births[-1].generation) == (new.id, d.generation)
@@ -177,6 +196,7 @@ def test_lossy_and_partitioned_links_converge_once_healed(loop, catalog, tmp_pat
                      telemetry_period=0.3, host=loop.host, trust=loop.trust)
     fleet.start(loop.credentials(fleet.ids))
     loop.run_until(lambda: settled(ctl, fleet.ids), timeout=60)
+    sent, heard = sum(d.agent.seq for d in fleet.devices), ctl.stats["in_telemetry"]
     fleet.apply(Event(at=0, set={"extra_loss": 0.2}))  # 20% of telemetry lost from here on
     cut = fleet.apply(Event(at=0, set={}, fraction=0.4, cut_s=4.0))
     fleet.apply(Event(at=0, set={"battery": 0.1}))  # everyone should now save energy
@@ -186,6 +206,8 @@ def test_lossy_and_partitioned_links_converge_once_healed(loop, catalog, tmp_pat
         return settled(ctl, fleet.ids) and all(
             (d.agent.slot.get().hybrid == target) for d in fleet.devices)
     loop.run_until(converged, timeout=90)
+    sent, heard = sum(d.agent.seq for d in fleet.devices) - sent, ctl.stats["in_telemetry"] - heard
+    assert heard < 0.9 * sent  # the loss was real
     assert len(cut) == 4 and all(ctl.twins[d].online for d in fleet.ids)
     assert no_duplicates(ctl.store.deployments())
     fleet.stop()
