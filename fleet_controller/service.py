@@ -81,6 +81,7 @@ class Controller:
         self.rollout_note = ""
         self._rollout_t0, self._wave_at, self.released = 0.0, None, set()
         self._refresh_candidates()
+        self._restore_rollout()
         # the one open deployment per device, mirrored in memory (telemetry is the hot path)
         self.open: dict[str, Deployment] = {d.device_id: d for d in
                                             self.store.deployments(open_only=True)}
@@ -385,7 +386,27 @@ class Controller:
         self._rollout_t0, self._wave_at = now, None
         log.info("policy reloaded from %s; rolling out to %d devices", self.policy_path,
                  len(online))
+        self._save_rollout()
         self._advance_rollout()
+
+    def _save_rollout(self) -> None:
+        """A rollout in waves survives a controller restart: the policy it replaces, who is
+        released, and when."""
+        self.store.put_meta("rollout", None if self.rollout is None else {
+            "old_policy": self.old_policy.model_dump(mode="json"), "t0": self._rollout_t0,
+            "wave_at": self._wave_at, "devices": list(self.rollout.devices),
+            "released": sorted(self.released), "note": self.rollout_note})
+
+    def _restore_rollout(self) -> None:
+        doc = self.store.meta("rollout")
+        if doc is None:
+            return
+        self.old_policy = FleetPolicy.model_validate(doc["old_policy"])
+        self.rollout = WaveState(tuple(doc["devices"]), {}, {})
+        self._rollout_t0, self._wave_at = doc["t0"], doc["wave_at"]
+        self.released, self.rollout_note = set(doc["released"]), doc["note"]
+        log.info("resuming the policy rollout: %d of %d devices released", len(self.released),
+                 len(self.rollout.devices))
 
     def _advance_rollout(self) -> None:
         """Release the next wave when it is due, or stop on too many failures."""
@@ -402,12 +423,15 @@ class Controller:
         if batch:
             self._wave_at = now
             self.released |= set(batch)
+            self._save_rollout()
             self.store.event(now, None, "rollout", self.rollout_note)
             for d in batch:
                 self._reconcile(d, now)
         elif self.rollout_note == "done":
             self.rollout = self.old_policy = None
+            self._save_rollout()
         elif self.rollout_note.startswith("aborted"):
+            self._save_rollout()
             self.store.event(now, None, "rollout", self.rollout_note)
             log.error("policy rollout %s; devices not yet released keep the old policy",
                       self.rollout_note)

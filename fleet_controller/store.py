@@ -19,6 +19,7 @@ CREATE TABLE IF NOT EXISTS deployments (
     created REAL NOT NULL, updated REAL NOT NULL, payload_bytes INTEGER NOT NULL,
     artifact TEXT NOT NULL, UNIQUE (device_id, generation));
 CREATE INDEX IF NOT EXISTS deployments_open ON deployments (status);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     ts REAL NOT NULL, device_id TEXT, kind TEXT NOT NULL, detail TEXT NOT NULL);
 """
@@ -67,6 +68,17 @@ class Store:
 
     def twins(self) -> dict[str, dict]:
         return {d: json.loads(doc) for d, doc in self._run("SELECT device_id, doc FROM twins")}
+
+    def put_meta(self, key: str, doc: dict | None) -> None:
+        """Keep (or, with None, forget) a JSON document of the controller's own state."""
+        if doc is None:
+            self._run("DELETE FROM meta WHERE key=?", (key,))
+        else:
+            self._run("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(doc)))
+
+    def meta(self, key: str) -> dict | None:
+        rows = self._run("SELECT doc FROM meta WHERE key=?", (key,))
+        return json.loads(rows[0][0]) if rows else None
 
     def add_deployment(self, dep: Deployment) -> None:
         """Record a new deployment; its (device, generation) must be new."""

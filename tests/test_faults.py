@@ -9,13 +9,14 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from device_agent.agent import CRASH_ENV
 from device_agent.cache import SegmentCache, SegmentRegistry, provision
 from fleet_controller.store import Store
 from fleet_protocol.messages import Ack, ArtifactRequest, Desired, State, decode
 from fleet_protocol.signing import KeyDir, seal
-from fleetloop import T, healthy
+from fleetloop import T, Loop, healthy
 from simulators.fleet import Event, SimFleet
 
 def cheapest(catalog):
@@ -234,3 +235,32 @@ def test_a_full_disk_fails_the_deployment_while_the_old_model_serves(loop, catal
     assert loop.running("rpi4-060") == before  # it never stopped serving
     out, _ = agent.slot.infer(agent.probe)
     assert out.shape[0] == agent.probe.shape[0]
+
+
+def test_a_controller_killed_between_waves_resumes_the_rollout(broker, catalog, tmp_path, keys):
+    """The waves of a policy change survive a controller crash: the devices not yet released
+    keep the old policy until their wave, not all at once when the controller comes back."""
+    lp = Loop(broker, catalog, tmp_path, keys)
+    doc = yaml.safe_load(lp.policy.read_text())
+    doc["rollout"] = {"waves": [25, 50, 100], "wave_interval_s": 3, "max_failure_percent": 50}
+    lp.policy.write_text(yaml.safe_dump(doc))
+    try:
+        ctl = lp.start_controller()
+        agents = [lp.add_agent(f"rpi4-20{k}") for k in range(4)]
+        lp.run_until(lambda: ctl.metrics.adaptations >= 4)
+        doc["defaults"]["objective"] = "min_energy"
+        lp.policy.write_text(yaml.safe_dump(doc))
+        t_edit = time.time()
+        lp.run_until(lambda: len(ctl.released) == 1, timeout=30)  # wave 1 is out
+        ctl.scheduler.shutdown(wait=False)  # the controller dies
+        lp.host.remove(ctl.client)
+        ctl.store.close()
+        ctl2 = lp.start_controller()  # a new process, same store, the edited fleet.yaml
+        assert ctl2.rollout is not None and len(ctl2.released) == 1
+        lp.run_until(lambda: ctl2.rollout is None and all(
+            lp.running(a.cfg.device_id) == cheapest(catalog).id for a in agents), timeout=90)
+        times = sorted(d.created for d in ctl2.store.deployments() if d.created > t_edit)
+        assert len(times) == 4 and no_duplicates(ctl2.store.deployments())
+        assert times[1] - times[0] >= 2.5 and times[3] - times[1] >= 2.5  # still in waves
+    finally:
+        lp.close()
