@@ -64,6 +64,7 @@ from fleet_controller.artifacts import Artifacts  # noqa: E402
 from fleet_controller.store import Store  # noqa: E402
 from fleet_protocol.messages import (Ack, ArtifactRequest, ControllerState, Desired,  # noqa: E402
                                      State, decode, encode)
+from fleet_bench import call_in_host  # noqa: E402  (bench/ is on sys.path)
 from fleet_protocol.mqtt import make_client, parse_url, run_in_thread  # noqa: E402
 from fleet_protocol.signing import KeyDir, SigningKey, load_public, seal  # noqa: E402
 from simulators.broker import start_broker  # noqa: E402
@@ -92,25 +93,6 @@ def wait_for(cond, timeout: float, what: str, poll: float = 0.2) -> float:
             raise TimeoutError(f"{what}: not reached within {timeout:.0f} s")
         time.sleep(poll)
     return time.monotonic() - t0
-
-
-def call_in_host(host, fn, timeout: float = 30.0):
-    """Run `fn` in the ClientHost's thread, where the fleet's state lives; its result."""
-    box, done = {}, threading.Event()
-
-    def run() -> None:
-        try:
-            box["value"] = fn()
-        except Exception as exc:  # handed back to the caller
-            box["error"] = exc
-        done.set()
-
-    host.submit(run)
-    if not done.wait(timeout):
-        raise TimeoutError(f"the fleet thread did not answer within {timeout:.0f} s")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def ensure_catalog(path: Path | None) -> Path:

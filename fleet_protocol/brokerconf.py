@@ -11,11 +11,11 @@ import json
 import os
 import pwd
 import secrets
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .files import write_file
 from .topics import Topics, check_id
 
 CONTROLLER = "controller"
@@ -71,8 +71,7 @@ class Credentials(Mapping[str, str]):
 
     def save(self, path: Path) -> None:
         """Write as JSON, mode 0600, atomically."""
-        _atomic_write(Path(path), json.dumps(self.passwords, indent=2, sort_keys=True) + "\n",
-                      0o600)
+        _write(Path(path), json.dumps(self.passwords, indent=2, sort_keys=True) + "\n", 0o600)
 
     @classmethod
     def load(cls, path: Path) -> Credentials:
@@ -173,7 +172,7 @@ def write_broker_config(out_dir: Path, devices: Iterable[str], *, topics: Topics
     creds.generate([CONTROLLER, *devices])
     creds.save(cred_file)
     write_passwd(out / "passwd", creds)
-    _atomic_write(out / "acl", acl_text(topics), 0o640, broker_readable=True)
+    _write(out / "acl", acl_text(topics), 0o640, broker_readable=True)
     data = out / "data"
     data.mkdir(exist_ok=True)
     ids = _broker_ids()
@@ -181,13 +180,13 @@ def write_broker_config(out_dir: Path, devices: Iterable[str], *, topics: Topics
         os.chown(data, *ids)
     conf = broker_conf(port=port, bind=bind, data_dir=data, password_file=out / "passwd",
                        acl_file=out / "acl", tls=tls, tls_port=tls_port if tls else None)
-    _atomic_write(out / "mosquitto.conf", conf + extra_conf, 0o644)
+    _write(out / "mosquitto.conf", conf + extra_conf, 0o644)
     return creds
 
 
 def write_passwd(path: Path, creds: Credentials) -> None:
     """Atomically (re)write Mosquitto's password file for `creds`, mode 0640."""
-    _atomic_write(Path(path), creds.passwd_text(), 0o640, broker_readable=True)
+    _write(Path(path), creds.passwd_text(), 0o640, broker_readable=True)
 
 
 def _broker_ids() -> tuple[int, int] | None:
@@ -201,19 +200,7 @@ def _broker_ids() -> tuple[int, int] | None:
         return None
 
 
-def _atomic_write(path: Path, text: str, mode: int, *, broker_readable: bool = False) -> None:
-    """Write via a temp file in the same directory + os.replace, with `mode` from the start."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), mode)
-            ids = _broker_ids() if broker_readable else None
-            if ids:
-                os.fchown(f.fileno(), -1, ids[1])
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _write(path: Path, text: str, mode: int, *, broker_readable: bool = False) -> None:
+    """Write `text` crash-safely with `mode`; readable by the broker's group if asked."""
+    ids = _broker_ids() if broker_readable else None
+    write_file(path, text.encode(), mode, ids[1] if ids else None)

@@ -18,7 +18,6 @@ import base64
 import binascii
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -27,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import Field
 
+from .files import write_file
 from .messages import MAX_MESSAGE_BYTES, M, ProtocolError, Wire, decode, encode
 
 KeyId = Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
@@ -101,8 +101,8 @@ class SigningKey:
         pem = self.private.private_bytes(serialization.Encoding.PEM,
                                          serialization.PrivateFormat.PKCS8,
                                          serialization.NoEncryption())
-        _write(path, pem, 0o600)
-        _write(path.with_suffix(".pub"), public_pem(self.public), 0o644)
+        write_file(path, pem, 0o600)
+        write_file(path.with_suffix(".pub"), public_pem(self.public), 0o644)
 
     def sign(self, data: bytes) -> Sig:
         return Sig(key=self.id, sig=base64.b64encode(self.private.sign(data)).decode())
@@ -122,17 +122,6 @@ def load_public(path: Path) -> Ed25519PublicKey:
     if not isinstance(key, Ed25519PublicKey):
         raise ValueError(f"{path}: not an Ed25519 public key")
     return key
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def seal(msg: Wire, keys: list[SigningKey]) -> bytes:
