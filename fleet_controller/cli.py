@@ -112,6 +112,9 @@ def keys_main(argv: list[str]) -> int:
         "fleet/v1/dev/+/state), `retire` drops the old one.")
     p.add_argument("action", choices=["init", "rotate", "retire", "show"])
     p.add_argument("dir", type=Path, nargs="?", default=Path(".restnet/keys"))
+    p.add_argument("--state-dir", type=Path, default=Path(".restnet/controller"),
+                   help="the controller's state (retire checks every device has the new keys)")
+    p.add_argument("--force", action="store_true", help="retire even if devices lag behind")
     args = p.parse_args(argv)
     keys = KeyDir(args.dir)
     try:
@@ -124,6 +127,11 @@ def keys_main(argv: list[str]) -> int:
             print(f"new signing key {key.id}; the old one is announced until `restnet keys "
                   f"retire {args.dir}`")
         elif args.action == "retire":
+            lagging = [] if args.force else _lagging(args.state_dir)
+            if lagging:
+                raise SystemExit(f"restnet keys retire: {len(lagging)} devices have not reported "
+                                 f"the new key set yet ({', '.join(lagging[:8])}); they would "
+                                 "trust no key left. Wait for them, or --force")
             gone = keys.retire()
             print(f"retired {', '.join(gone) or 'nothing'}")
         else:
@@ -133,3 +141,22 @@ def keys_main(argv: list[str]) -> int:
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"restnet keys: {exc}") from exc
     return 0
+
+
+def _lagging(state_dir: Path) -> list[str]:
+    """Devices whose last reported key set is older than the one the controller announces."""
+    from .store import Store
+
+    path = state_dir / "controller.sqlite"
+    if not path.is_file():
+        raise SystemExit(f"restnet keys retire: no controller state at {path}; pass "
+                         "--state-dir, or --force")
+    store = Store(path)
+    try:
+        keys = store.meta("keys")
+        if keys is None:
+            return []
+        return sorted(d for d, doc in store.twins().items()
+                      if doc.get("keys_seq", 0) < keys["since"])
+    finally:
+        store.close()

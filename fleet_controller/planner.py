@@ -88,6 +88,7 @@ class Twin:
     since: float = 0.0  # when it started
     speed: float | None = None  # learned device latency / catalog latency
     cached: frozenset[str] = frozenset()  # segment IDs the device holds
+    keys_seq: int = 0  # the newest key set the device accepted (see `restnet keys retire`)
 
 
 @dataclass(frozen=True)

@@ -193,6 +193,7 @@ class Controller:
                 twin.mem_mb, twin.gflops = s.capabilities.mem_mb, s.capabilities.gflops
                 twin.tags = dict(s.capabilities.tags)
             twin.cached = frozenset(s.segments)
+            twin.keys_seq = s.keys_seq
             if s.hybrid != twin.running:
                 twin.running, twin.since = s.hybrid, now
             dep = self.open.get(device)
@@ -340,6 +341,9 @@ class Controller:
         held = [self.signing, *self.retiring]
         ks = keyset(held, seq=int(self.clock() * 1000), ts=self.clock())
         self.client.publish(self.t.ctl_keys, seal(ks, held), qos=1, retain=True)
+        ids, last = sorted(k.id for k in held), self.store.meta("keys")
+        if last is None or last["ids"] != ids:  # devices report keys_seq ≥ since: they have it
+            self.store.put_meta("keys", {"ids": ids, "since": ks.seq})
 
     # --- scheduler jobs (their own threads) ---------------------------------------------
     def _reload_keys(self) -> None:

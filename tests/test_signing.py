@@ -71,6 +71,27 @@ def test_keys_command(tmp_path, capsys):
     with pytest.raises(SystemExit, match="rotate it"):
         main(["keys", "init", d])
     assert main(["keys", "rotate", d]) == 0 and main(["keys", "show", d]) == 0
+    assert main(["keys", "retire", d, "--force"]) == 0
     assert "being rotated out: " in capsys.readouterr().out
     with pytest.raises(SystemExit, match="restnet keys init"):
         main(["keys", "show", str(tmp_path / "none")])
+
+
+def test_retire_waits_for_every_device_to_have_the_new_keys(tmp_path, capsys):
+    from fleet_controller.cli import keys_main
+    from fleet_controller.store import Store
+
+    kd = KeyDir(tmp_path / "keys")
+    kd.init()
+    kd.rotate()
+    store = Store(tmp_path / "ctl" / "controller.sqlite")
+    store.put_meta("keys", {"ids": ["a", "b"], "since": 10})
+    store.put_twin("cam-1", {"device_id": "cam-1", "keys_seq": 10})
+    store.put_twin("cam-2", {"device_id": "cam-2", "keys_seq": 5})  # missed the new set
+    args = ["retire", str(kd.root), "--state-dir", str(tmp_path / "ctl")]
+    with pytest.raises(SystemExit, match=r"1 devices .*cam-2"):
+        keys_main(args)
+    assert len(kd.load()[1]) == 1  # nothing retired
+    store.put_twin("cam-2", {"device_id": "cam-2", "keys_seq": 11})
+    store.close()
+    assert keys_main(args) == 0 and kd.load()[1] == []

@@ -5,6 +5,7 @@ import base64
 import json
 import time
 
+from fleet_controller.cli import keys_main
 from fleet_protocol.messages import Ack, Desired, decode
 from fleet_protocol.signing import KeyDir, Keyring, SigningKey, seal
 from fleetloop import T, Loop, healthy
@@ -89,7 +90,8 @@ def test_keys_rotate_and_retire_while_the_fleet_runs(broker, catalog, tmp_path):
         lp.run_until(lambda: set(agent.keyring.keys) == {first.id, second.id})
         agent.resources.state.battery = 0.1  # a new deployment, signed with the new key
         lp.run_until(lambda: healthy(agent) >= 2 and ctl.signing.id == second.id)
-        keydir.retire()
+        lp.run_until(lambda: ctl.twins["rpi4-050"].keys_seq >= ctl.store.meta("keys")["since"])
+        assert keys_main(["retire", str(keydir.root), "--state-dir", str(tmp_path / "ctl")]) == 0
         lp.run_until(lambda: set(agent.keyring.keys) == {second.id})
         saved = Keyring.from_json((agent.cfg.cache_dir / "trust.json").read_bytes())
         assert set(saved.keys) == {second.id}  # a restarted agent trusts the new key only
