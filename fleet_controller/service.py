@@ -71,7 +71,6 @@ class Controller:
         self.device_generation: dict[str, int] = {}  # as devices report it: seeds generations
         self.avoid: dict[str, dict[str, float]] = defaultdict(dict)  # device → hybrid → until
         self.triggers: dict[str, float] = {}  # deployment → time of the telemetry that caused it
-        self.sent: dict[str, bytes] = {}  # open deployment → its signed desired state
         self.running_artifact = self.store.running_artifacts()  # device → artifact it runs
         self.finetune_queue: set[str] = set()
         self.stopped = False
@@ -142,6 +141,10 @@ class Controller:
         client.publish(self.t.ctl_state, encode(ControllerState(
             online=True, session=self.session, ts=self.clock())), qos=1, retain=True)
         self._publish_keys()
+        # re-assert every device's desired state: a broker that crashed (or was replaced) may
+        # hold an older retained one, or none; devices ignore a generation they already have
+        for device, payload in self.store.desired().items():
+            client.publish(self.t.desired(device), payload, qos=1, retain=True)
         client.publish(self.t.rebirth, encode(Rebirth(ts=self.clock())), qos=1)
 
     def _on_message(self, client, userdata, msg) -> None:
@@ -200,12 +203,12 @@ class Controller:
             if dep is not None and s.generation >= dep.generation:  # settled while we were away
                 status = "HEALTHY" if s.hybrid == dep.hybrid else "FAILED"
                 self._settle(dep, status, now, "settled by device state")
-            elif dep is not None and dep.id in self.sent:
+            elif dep is not None:
                 # a broker that crashed may have lost the retained desired state: say it again
                 # (a device already working on it ignores the same generation)
-                self.client.publish(self.t.desired(device), self.sent[dep.id], qos=1,
-                                    retain=True)
-                self.stats["republished"] += 1
+                for payload in self.store.desired(device).values():
+                    self.client.publish(self.t.desired(device), payload, qos=1, retain=True)
+                    self.stats["republished"] += 1
         self._save_twin(twin)
 
     def _on_telemetry(self, device: str, m: Telemetry, now: float) -> None:
@@ -247,7 +250,6 @@ class Controller:
             self.running_artifact[dep.device_id] = dep.artifact
         if not dep.open:
             self.open.pop(dep.device_id, None)
-            self.sent.pop(dep.id, None)
 
     def _rule(self, policy: FleetPolicy, device: str, twin: Twin):
         key = (id(policy), device, twin.device_class, tuple(sorted(twin.tags.items())))
@@ -325,7 +327,7 @@ class Controller:
                          now, now, len(payload), entry.artifact or "")
         self.store.add_deployment(dep)
         self.open[device] = dep
-        self.sent[dep.id] = payload
+        self.store.put_desired(device, payload)
         self.client.publish(self.t.desired(device), payload, qos=1, retain=True)
         self.metrics.desired_bytes += len(payload)
         self.metrics.whole_model_bytes += entry.model_bytes

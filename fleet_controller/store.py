@@ -19,6 +19,7 @@ CREATE TABLE IF NOT EXISTS deployments (
     created REAL NOT NULL, updated REAL NOT NULL, payload_bytes INTEGER NOT NULL,
     artifact TEXT NOT NULL, UNIQUE (device_id, generation));
 CREATE INDEX IF NOT EXISTS deployments_open ON deployments (status);
+CREATE TABLE IF NOT EXISTS desired (device_id TEXT PRIMARY KEY, payload BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
     ts REAL NOT NULL, device_id TEXT, kind TEXT NOT NULL, detail TEXT NOT NULL);
@@ -68,6 +69,18 @@ class Store:
 
     def twins(self) -> dict[str, dict]:
         return {d: json.loads(doc) for d, doc in self._run("SELECT device_id, doc FROM twins")}
+
+    def put_desired(self, device_id: str, payload: bytes) -> None:
+        """Keep the signed desired state last sent to a device (the broker's retained copy
+        may be lost or stale after a broker crash; the controller re-asserts this one)."""
+        self._run("INSERT OR REPLACE INTO desired VALUES (?, ?)", (device_id, payload))
+
+    def desired(self, device_id: str | None = None) -> dict[str, bytes]:
+        """device → the signed desired state last sent to it (one device, or all)."""
+        if device_id is None:
+            return dict(self._run("SELECT device_id, payload FROM desired"))
+        return dict(self._run("SELECT device_id, payload FROM desired WHERE device_id=?",
+                              (device_id,)))
 
     def put_meta(self, key: str, doc: dict | None) -> None:
         """Keep (or, with None, forget) a JSON document of the controller's own state."""

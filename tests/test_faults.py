@@ -15,7 +15,7 @@ from device_agent.agent import CRASH_ENV
 from device_agent.cache import SegmentCache, SegmentRegistry, provision
 from fleet_controller.store import Store
 from fleet_protocol.messages import Ack, ArtifactRequest, Desired, State, decode
-from fleet_protocol.signing import KeyDir, seal
+from fleet_protocol.signing import KeyDir, seal, unverified
 from fleetloop import T, Loop, healthy
 from simulators.fleet import Event, SimFleet
 
@@ -264,3 +264,20 @@ def test_a_controller_killed_between_waves_resumes_the_rollout(broker, catalog, 
         assert times[1] - times[0] >= 2.5 and times[3] - times[1] >= 2.5  # still in waves
     finally:
         lp.close()
+
+
+def test_after_a_broker_crash_the_controller_reasserts_every_desired_state(loop, catalog):
+    """A SIGKILLed broker loses the retained messages since its last autosave; once the
+    controller is back, the retained desired state of every device is its newest again."""
+    ctl = loop.start_controller()
+    agent = loop.add_agent("rpi4-080")
+    loop.run_until(lambda: healthy(agent) >= 1)
+    agent.resources.state.battery = 0.1  # a second deployment, within the autosave interval
+    loop.run_until(lambda: healthy(agent) >= 2)
+    newest = ctl.store.deployments("rpi4-080")[-1].generation
+    loop.broker.kill()
+    loop.broker.restart()
+    loop.run_until(lambda: ctl.client.is_connected() and ctl.stats["in_state"] >= 3, timeout=30)
+    _, got = loop.spy("late-reader", T.desired("rpi4-080"))  # reads the retained copy
+    loop.run_until(lambda: got, timeout=10)
+    assert unverified(Desired, got[-1][1])[1].generation == newest
