@@ -77,6 +77,7 @@ def connection(loop, user, tmp_path):
     return args
 
 
+@pytest.mark.slow  # real processes, started and killed
 def test_controller_sigkilled_mid_rollout_resumes_from_its_store(loop, tmp_path, spawn):
     cmd = ["controller", "--policy", str(loop.policy), "--state-dir", str(tmp_path / "ctl"),
            "--keys", str(loop.keys), *connection(loop, "controller", tmp_path)]
@@ -116,6 +117,7 @@ def agent_cmd(loop, dev, cache, tmp_path, *extra):
             *connection(loop, dev, tmp_path)]
 
 
+@pytest.mark.slow  # real processes, started and killed
 def test_agent_killed_mid_download_resumes_with_its_cache_intact(loop, tmp_path, spawn):
     loop.start_controller()
     dev, cache = "board-001", tmp_path / "board-001"
@@ -156,6 +158,7 @@ def test_a_download_complete_before_a_crash_is_assembled_without_asking(loop, ca
     assert all(decode(ArtifactRequest, p).artifact != seg_id for _, p in asked)
 
 
+@pytest.mark.slow  # real processes, started and killed
 def test_agent_killed_mid_swap_serves_the_old_model_then_the_new(loop, catalog, keys, tmp_path,
                                                                   spawn):
     ctl = loop.start_controller()
