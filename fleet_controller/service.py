@@ -317,8 +317,9 @@ class Controller:
         front, back = self.artifacts.split(entry)
         budget = rule.latency_p95_ms if math.isfinite(rule.latency_p95_ms) else None
         desired = Desired(
-            device_id=device, generation=generation, deployment_id=f"{device}.{generation}", hybrid=entry.id,
-            name=entry.name, front=front, back=back, stitch=self.artifacts.delta(entry),
+            device_id=device, generation=generation, deployment_id=f"{device}.{generation}",
+            hybrid=entry.id, name=entry.name, front=front, back=back,
+            stitch=self.artifacts.delta(entry),
             expected_latency_ms=predicted, latency_budget_ms=budget,
             min_accuracy=max(0.0, rule.min_accuracy - PROBE_SLACK) or None, ts=now,
             reason=reason)

@@ -99,7 +99,8 @@ class Desired(Wire):
     deployment_id: Id
     hybrid: str  # catalog ID
     name: str = ""
-    front: list[SegmentId] = Field(min_length=1, max_length=256)  # run before the stitch (all, for an anchor)
+    # the segments run before the stitch (all of them, for an anchor)
+    front: list[SegmentId] = Field(min_length=1, max_length=256)
     back: list[SegmentId] = Field([], max_length=256)  # run after the stitch
     stitch: StitchDelta | None = None  # None for an anchor
     expected_latency_ms: float | None = None  # the planner's prediction for this device

@@ -15,12 +15,11 @@ from pathlib import Path
 
 from paho.mqtt.reasoncodes import ReasonCode
 
-from fleet_protocol.brokerconf import (Credentials, TlsFiles, broker_conf,
+from fleet_protocol.brokerconf import (BROKER_USER, Credentials, TlsFiles, broker_conf,
                                        write_broker_config, write_passwd)
 from fleet_protocol.mqtt import make_client
 
 MOSQUITTO = Path("/usr/sbin/mosquitto")
-BROKER_USER = "mosquitto"
 
 
 @dataclass
