@@ -152,7 +152,6 @@ def check_specs(found: dict[str, tuple[str, tuple[int, ...]]],
                                 f"{dtype}{tuple(shape)}")
 
 
-
 def chunks(blob: bytes, size: int = CHUNK_SIZE) -> list[bytes]:
     """Split an artifact into chunks of `size` bytes (the last may be shorter)."""
     return [blob[k:k + size] for k in range(0, len(blob), size)] or [b""]

@@ -113,7 +113,8 @@ def start_broker(workdir: Path, *, port: int | None = None, devices: Iterable[st
 
     auth=True (the default): logins for `controller` and every device in `devices`
     (`Broker.creds`; passwd, acl, credentials.json in `workdir`; `add_devices` adds more) with
-    the fleet ACLs of `fleet_protocol.brokerconf`. auth=False: anonymous clients, no ACLs. `tls` adds a TLS listener on `tls_port` (default: free).
+    the fleet ACLs of `fleet_protocol.brokerconf`. auth=False: anonymous clients, no ACLs.
+    `tls` adds a TLS listener on `tls_port` (default: a free port).
     """
     if not MOSQUITTO.exists():
         raise FileNotFoundError(f"{MOSQUITTO} not found: apt-get install mosquitto")
@@ -141,9 +142,7 @@ def connack(host: str, port: int, username: str | None = None, password: str | N
             ca_certs: Path | None = None, timeout: float = 5.0) -> ReasonCode | None:
     """Log in once (MQTT v5) and disconnect: the CONNACK reason code, or None if none came
     within `timeout` (connection refused, TLS failure, silence)."""
-    client = make_client("", username=username, password=password)
-    if ca_certs is not None:
-        client.tls_set(ca_certs=str(ca_certs))
+    client = make_client("", username=username, password=password, tls_ca=ca_certs)
     got: list[ReasonCode] = []
     client.on_connect = lambda _c, _u, _f, rc, _p: got.append(rc)
     deadline = time.monotonic() + timeout
