@@ -267,15 +267,16 @@ def _field(loc: tuple[Any, ...]) -> str:
 def _describe(err: dict[str, Any], loc: tuple[Any, ...]) -> str:
     """What was wrong and how to fix it."""
     kind, got = err["type"], err.get("input")
+    name = loc[-1] if loc else "(top level)"
     if kind == "extra_forbidden":
         parent = _type_at(loc[:-1])
         allowed = list(parent.model_fields) if isinstance(parent, type) else []
-        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+        close = difflib.get_close_matches(str(name), allowed, n=1, cutoff=0.6)
         hint = f" — did you mean {close[0]!r}?" if close else "."
-        return (f"unknown key {loc[-1]!r}{hint} Allowed keys here: {', '.join(allowed)}"
-                if allowed else f"unknown key {loc[-1]!r}; remove it")
+        return (f"unknown key {name!r}{hint} Allowed keys here: {', '.join(allowed)}"
+                if allowed else f"unknown key {name!r}; remove it")
     if kind == "missing":
-        return f"required key {loc[-1]!r} is missing; add it"
+        return f"required key {name!r} is missing; add it"
     if kind == "literal_error":
         allowed = [str(a) for a in typing.get_args(_type_at(loc))]
         close = difflib.get_close_matches(str(got), allowed, n=1, cutoff=0.6)
@@ -339,8 +340,9 @@ def parse_policy(text: str, file: str = "<policy>") -> FleetPolicy:
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            loc = tuple(p for p in err["loc"] if p != "[key]")
-            key_error = err["type"] == "extra_forbidden" or "[key]" in err["loc"]
+            extra = err["type"] == "extra_forbidden"  # its last part is the user's own key
+            loc = err["loc"] if extra else tuple(p for p in err["loc"] if p != "[key]")
+            key_error = extra or "[key]" in err["loc"]
             node = _key_node(root, loc) if key_error and loc else _node_at(root, loc)
             line = node.start_mark.line + 1 if node is not None else None
             problems.append(Problem(_field(loc), line, _describe(err, loc)))
