@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
-import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -14,11 +14,12 @@ from stitch_lib.build import FINETUNE_MODES, BuildConfig, build_catalog
 from stitch_lib.catalog import Catalog
 from stitch_lib.cka import cka_matrix
 from stitch_lib.data import make_splits
-from stitch_lib.report import catalog_table, plot_cka, plot_pareto
+from stitch_lib.report import catalog_table, plot_cka, plot_pareto, usefulness_text
 from stitch_lib.train import TrainConfig
 from stitch_lib.zoo import ZooSpec, build_zoo
 
-console = Console()
+# Output that is not a terminal (a log, a pipe) is not cut to 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 200)
 DEFAULT_HOME = Path(".restnet")
 
 
@@ -35,31 +36,38 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _anchors(args: argparse.Namespace):
+    """The zoo's anchors (trained or reused) and its data splits; errors name the zoo key."""
     try:
-        spec = ZooSpec.from_dict(yaml.safe_load(args.zoo.read_text()))
-    except (OSError, yaml.YAMLError, ValueError) as exc:
-        raise SystemExit(f"restnet: bad zoo file {args.zoo}: {exc}") from exc
-    data = dict(source=spec.dataset, image_size=spec.image_size, n_calib=spec.n_calib,
-                n_val=spec.n_val, n_test=spec.n_test, seed=spec.seed)
-    splits = make_splits(**data)
+        spec = ZooSpec.from_file(args.zoo)
+        data = dict(source=spec.dataset, image_size=spec.image_size, n_calib=spec.n_calib,
+                    n_val=spec.n_val, n_test=spec.n_test, seed=spec.seed)
+        splits = make_splits(**data)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"restnet: zoo {args.zoo}: {exc}") from exc
     with _progress() as progress:
-        anchors = build_zoo(spec, splits, args.home / "anchors", progress)
-    return anchors, splits, data
+        zoo = build_zoo(spec, splits, args.home / "anchors", progress)
+    return zoo, splits, data
 
 
 def _build(args: argparse.Namespace) -> Catalog:
+    from fleet_protocol.codec import pack_delta  # the wire's own encoder sizes each delta
+
     cfg = BuildConfig(top_k=args.top_k, screen=args.screen, finetune=args.finetune,
                       directions=args.directions,
-                      ft=TrainConfig(epochs=args.ft_epochs, lr=1e-3, n_train=args.ft_n_train))
-    anchors, splits, data = _anchors(args)
+                      ft=TrainConfig(lr=1e-3, steps=args.ft_steps, n_train=args.ft_n_train,
+                                     patience=2, distill=args.ft_distill))
+    zoo, splits, data = _anchors(args)
     with _progress() as progress:
-        cat = build_catalog(anchors, splits, Catalog(args.home / "catalog"), cfg, progress, data)
+        cat = build_catalog(zoo, splits, Catalog(args.home / "catalog"), cfg, progress, data,
+                            delta_size=lambda t: len(pack_delta(
+                                {k: v.detach().cpu().numpy() for k, v in t.items()})))
     console.print(f"catalog written to {cat.root / 'catalog.json'}")
     return cat
 
 
 def _show(cat: Catalog) -> None:
     console.print(catalog_table(cat))
+    console.print(usefulness_text(cat))
     console.print(f"Pareto plot: {plot_pareto(cat, cat.root / 'pareto.png')}")
 
 
@@ -68,18 +76,24 @@ def catalog_main(argv: list[str]) -> int:
     sub = p.add_subparsers(dest="action", required=True)
     b = sub.add_parser("build", help="rank, build, fine-tune and measure hybrids")
     _common(b)
-    b.add_argument("--finetune", choices=FINETUNE_MODES, default="frontier",
-                   help="which stitches to fine-tune; the others stay LS-initialised, marked so")
+    b.add_argument("--finetune", choices=FINETUNE_MODES, default="all",
+                   help="which stitches to fine-tune; the others keep their start, marked 'ls'")
     b.add_argument("--top-k", type=int, default=3, help="hybrids kept per ordered anchor pair")
     b.add_argument("--screen", type=int, default=6, help="candidates kept by CKA per pair")
     b.add_argument("--directions", choices=("restnet", "both"), default="both")
-    b.add_argument("--ft-epochs", type=int, default=2)
-    b.add_argument("--ft-n-train", type=int, default=10000)
+    b.add_argument("--ft-steps", type=int, default=300,
+                   help="optimiser steps per stitch fine-tuning, whatever the data size")
+    b.add_argument("--ft-n-train", type=int, default=10000,
+                   help="training images the fine-tuning draws from (at most)")
+    b.add_argument("--ft-distill", type=float, default=0.0,
+                   help="weight of distillation from the front anchor (0-1)")
     s = sub.add_parser("show", help="print the catalog and write its Pareto plot")
     s.add_argument("--home", type=Path, default=DEFAULT_HOME)
     s.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    # A long build logs its progress when its output is not a terminal.
+    logging.basicConfig(level=logging.INFO if args.verbose or not sys.stdout.isatty()
+                        else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     try:
         cat = _build(args) if args.action == "build" else Catalog.load(args.home / "catalog")
     except FileNotFoundError as exc:
@@ -95,8 +109,8 @@ def cka_main(argv: list[str]) -> int:
     p.add_argument("--out", type=Path, help="PNG to write (default cka-FRONT-BACK.png)")
     _common(p)
     args = p.parse_args(argv)
-    anchors, splits, _ = _anchors(args)
-    by_name = {a.spec.name: a for a in anchors}
+    zoo, splits, _ = _anchors(args)
+    by_name = {a.spec.name: a for a in zoo.anchors}
     missing = [n for n in (args.front, args.back) if n not in by_name]
     if missing:
         raise SystemExit(f"restnet: no anchor {missing} in {args.zoo}; have {sorted(by_name)}")

@@ -1,32 +1,40 @@
 """From a zoo of anchors to a measured catalog of hybrids.
 
-For every ordered pair of anchors (the ReStNet direction — larger in front — or both):
+Where the anchors were trained stitch-aware (`cotrain`), the catalog offers exactly the points
+they were trained at: each hybrid starts from its co-trained stitch or from a least-squares
+fit, whichever is more accurate on the validation split. Otherwise, for every ordered pair of
+anchors (the ReStNet direction — larger in front — or both):
 1. CKA between every pair of body boundaries on calibration images;
 2. screen: keep the `screen` shape-feasible points with the highest CKA;
 3. rank: initialise each survivor by least squares (under a second) and keep the `top_k` with
-   the best validation accuracy — measured here to predict fine-tuned accuracy far better than
-   CKA does (DESIGN §3);
-4. fine-tune the stitches (`all`, only those on the `frontier`, or `none`: left
-   least-squares-initialised and marked so, for the controller to fine-tune on demand);
-5. measure accuracy and cost of everything and write the catalog.
+   the best validation accuracy — measured to predict fine-tuned accuracy far better than
+   CKA does (DESIGN §3).
+Then: drop any hybrid that costs more FLOPs than its dearer anchor; fine-tune the stitches
+(`all`, only those on the validation `frontier`, or `none`: left at their start and marked
+so, for the controller to fine-tune on demand); measure accuracy (test split) and cost of
+everything; record which hybrids are useful and the coverage (`catalog.usefulness`).
 """
 from __future__ import annotations
 
+import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from rich.progress import Progress
 
-from .catalog import Catalog, Entry, pareto
+from .assemble import load_anchor_model, segment_payloads  # noqa: F401  (re-exported)
+from .catalog import Catalog, Entry, pareto, usefulness
 from .cka import cka_matrix
 from .cost import (compressed_size, flops, fp16_bytes, latencies_ms, model_fp16_bytes,
                    param_count, peak_activation_bytes)
+from .cotrain import Point
 from .data import DataSplits
 from .segments import Port, Segment, is_transformer, split_model
 from .stitch import Hybrid, Stitch, build_hybrid, feasible_points
 from .train import FrontCache, TrainConfig, evaluate, finetune_stitch
-from .zoo import Anchor, from_recipe
+from .zoo import Anchor, Zoo
 
 log = logging.getLogger(__name__)
 FINETUNE_MODES = ("all", "frontier", "none")
@@ -34,11 +42,12 @@ FINETUNE_MODES = ("all", "frontier", "none")
 
 @dataclass(frozen=True)
 class BuildConfig:
-    top_k: int = 3  # hybrids kept per ordered anchor pair
+    top_k: int = 3  # hybrids kept per ordered anchor pair (anchors trained apart)
     screen: int = 6  # candidates kept by CKA before least-squares ranking
-    finetune: str = "frontier"
+    finetune: str = "all"
     directions: str = "both"  # "restnet" (larger model in front only) or "both"
-    ft: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, lr=1e-3, n_train=10000))
+    ft: TrainConfig = field(default_factory=lambda: TrainConfig(
+        lr=1e-3, steps=300, n_train=10000, patience=2))
     latency_rounds: int = 30
 
     def __post_init__(self) -> None:
@@ -84,22 +93,6 @@ def _stitch_tensors(h: Hybrid) -> dict[str, torch.Tensor]:
     return {k: v for k, v in h.stitch.state_dict().items()}
 
 
-def load_anchor_model(entry: Entry, catalog: Catalog) -> torch.nn.Module:
-    """An anchor rebuilt from the catalog alone: its recipe plus its hash-checked weights."""
-    model = from_recipe(entry.recipe)
-    model.load_state_dict(catalog.load_artifact(entry.artifact))
-    return model.eval()
-
-
-def segment_payloads(entry: Entry, catalog: Catalog) -> list[tuple[str, dict, dict]]:
-    """An anchor's segments as (segment ID, numpy tensors, metadata) — what a device needs to
-    rebuild each one: the recipe, the segment's index, and its weights."""
-    segments = split_model(load_anchor_model(entry, catalog))
-    return [(s.segment_id(), {k: v.detach().cpu().numpy() for k, v in s.body.state_dict().items()},
-             {"recipe": entry.recipe, "index": k, "name": s.name, "anchor": entry.name})
-            for k, s in enumerate(segments)]
-
-
 def load_hybrid(entry: Entry, segments: dict[str, list[Segment]], catalog: Catalog) -> Hybrid:
     """Rebuild a catalog hybrid from its anchors' segments (by anchor name) and its
     (hash-checked) stitch artifact."""
@@ -117,36 +110,86 @@ def _cost(model: torch.nn.Module, x1: torch.Tensor) -> dict:
                 model_bytes=model_fp16_bytes(model))
 
 
-def build_catalog(anchors: list[Anchor], splits: DataSplits, catalog: Catalog,
+def _wire_size(tensors: dict[str, torch.Tensor]) -> int:
+    return compressed_size(fp16_bytes(tensors))
+
+
+def _ranked_points(a: Anchor, b: Anchor, splits: DataSplits, cfg: BuildConfig,
+                   m: torch.Tensor, candidates: list[dict]) -> list[tuple[Hybrid, dict]]:
+    """Anchors trained apart: CKA screen, then the top-k by least-squares validation accuracy."""
+    calib = splits.calib.x
+    pts = sorted(feasible_points(a.segments, b.segments, calib),
+                 key=lambda p: -float(m[p]))[: cfg.screen]
+    ranked = []
+    for i, j in pts:
+        h, fit = build_hybrid(a.segments, i, b.segments, j, calib,
+                              front_name=a.spec.name, back_name=b.spec.name)
+        info = dict(cka=float(m[i, j]), ls_val_acc=evaluate(h, splits.val), **fit)
+        info.update(init="ls", init_val_acc=info["ls_val_acc"])
+        candidates.append(dict(front=a.spec.name, back=b.spec.name, i=i, j=j, **info))
+        ranked.append((h, info))
+    ranked.sort(key=lambda r: -r[1]["ls_val_acc"])
+    return ranked[: cfg.top_k]
+
+
+def _cotrained_point(a: Anchor, b: Anchor, p: Point, stitch: Stitch, splits: DataSplits,
+                     m: torch.Tensor, candidates: list[dict]) -> tuple[Hybrid, dict]:
+    """A co-trained point: its co-trained stitch or a least-squares fit, whichever is more
+    accurate on the validation split."""
+    h, fit = build_hybrid(a.segments, p.i, b.segments, p.j, splits.calib.x,
+                          front_name=a.spec.name, back_name=b.spec.name)
+    ls_acc = evaluate(h, splits.val)
+    ls_state = copy.deepcopy(h.stitch.state_dict())
+    h.stitch.load_state_dict(stitch.state_dict())
+    co_acc = evaluate(h, splits.val)
+    if ls_acc > co_acc:
+        h.stitch.load_state_dict(ls_state)
+    info = dict(cka=float(m[p.i, p.j]), ls_val_acc=ls_acc, cotrained_val_acc=co_acc,
+                init="ls" if ls_acc > co_acc else "co-trained", init_val_acc=max(ls_acc, co_acc),
+                **fit)
+    candidates.append(dict(front=p.front, back=p.back, i=p.i, j=p.j, **info))
+    return h, info
+
+
+def build_catalog(zoo: Zoo | list[Anchor], splits: DataSplits, catalog: Catalog,
                   cfg: BuildConfig = BuildConfig(), progress: Progress | None = None,
-                  data: dict | None = None) -> Catalog:
-    """Rank, build, fine-tune and measure hybrids of `anchors` into `catalog` (saved).
-    `data` (the `make_splits` arguments) is kept so stitches can be fine-tuned later."""
+                  data: dict | None = None,
+                  delta_size: Callable[[dict[str, torch.Tensor]], int] = _wire_size) -> Catalog:
+    """Rank, build, fine-tune and measure hybrids of the zoo's anchors into `catalog` (saved).
+    `data` (the `make_splits` arguments) is kept so stitches can be fine-tuned later;
+    `delta_size` measures a stitch as the wire ships it."""
+    zoo = zoo if isinstance(zoo, Zoo) else Zoo(list(zoo))
+    anchors = zoo.anchors
     torch.manual_seed(cfg.ft.seed)
     calib, x1 = splits.calib.x, splits.calib.x[:1]
     costs = {a.spec.name: _cost(a.model, x1) for a in anchors}
-    pairs = [(a, b) for a in anchors for b in anchors if a is not b and (
-        cfg.directions == "both" or costs[a.spec.name]["flops"] > costs[b.spec.name]["flops"])]
+    by_name = {a.spec.name: a for a in anchors}
+    if zoo.stitches:
+        pairs = sorted({(p.front, p.back) for p in zoo.stitches})
+    else:
+        pairs = [(a.spec.name, b.spec.name) for a in anchors for b in anchors if a is not b and (
+            cfg.directions == "both" or costs[a.spec.name]["flops"] > costs[b.spec.name]["flops"])]
     task = progress.add_task("rank stitch points", total=len(pairs)) if progress else None
     hybrids: list[tuple[Hybrid, dict]] = []
     candidates, cka_maps = [], {}
-    for a, b in pairs:
+    for fa, fb in pairs:
+        a, b = by_name[fa], by_name[fb]
         m = cka_matrix(a.segments, b.segments, calib)
-        cka_maps[f"{a.spec.name}→{b.spec.name}"] = m.tolist()
-        pts = sorted(feasible_points(a.segments, b.segments, calib),
-                     key=lambda p: -float(m[p]))[: cfg.screen]
-        ranked = []
-        for i, j in pts:
-            h, fit = build_hybrid(a.segments, i, b.segments, j, calib,
-                                  front_name=a.spec.name, back_name=b.spec.name)
-            info = dict(cka=float(m[i, j]), ls_val_acc=evaluate(h, splits.val), **fit)
-            candidates.append(dict(front=a.spec.name, back=b.spec.name, i=i, j=j, **info))
-            ranked.append((h, info))
-        ranked.sort(key=lambda r: -r[1]["ls_val_acc"])
-        for h, info in ranked[: cfg.top_k]:
-            big = costs[a.spec.name]["flops"] >= costs[b.spec.name]["flops"]
+        cka_maps[f"{fa}→{fb}"] = m.tolist()
+        if zoo.stitches:
+            kept = [_cotrained_point(a, b, p, st, splits, m, candidates)
+                    for p, st in sorted(zoo.stitches.items()) if (p.front, p.back) == (fa, fb)]
+        else:
+            kept = _ranked_points(a, b, splits, cfg, m, candidates)
+        for h, info in kept:
+            big = costs[fa]["flops"] >= costs[fb]["flops"]
             info.update(joint=f"{_kind(a.segments)}→{_kind(b.segments)}",
                         direction="large→small" if big else "small→large")
+            info.update(_cost(h, x1))
+            if info["flops"] > max(costs[fa]["flops"], costs[fb]["flops"]):
+                log.info("dropped %s: %d FLOPs, more than its dearer anchor", h.name,
+                         info["flops"])
+                continue
             hybrids.append((h, info))
         if progress:
             progress.advance(task)
@@ -157,40 +200,49 @@ def build_catalog(anchors: list[Anchor], splits: DataSplits, catalog: Catalog,
                      test_acc=evaluate(a.model, splits.test), val_acc=a.val_acc,
                      latency_ms=lat[a.spec.name], joint=_kind(a.segments),
                      segments=[s.segment_id() for s in a.segments], recipe=a.recipe,
+                     training=a.training,
                      artifact=catalog.put_artifact(a.model.state_dict()), **costs[a.spec.name])
-                for a in anchors]
+               for a in anchors]
+    cost_keys = ("params", "flops", "act_peak_bytes", "model_bytes")
     for h, info in hybrids:
         entries.append(Entry(
             id="", name=h.name, kind="hybrid", test_acc=evaluate(h, splits.test),
             latency_ms=lat[h.name], segments=h.segment_ids(), front=h.front_name,
             back=h.back_name, i=h.i, j=h.j, joint=info["joint"], direction=info["direction"],
-            cka=info["cka"], ls_val_acc=info["ls_val_acc"], val_acc=info["ls_val_acc"],
-            stitch_state="ls", ports={"src": vars(h.stitch.src), "dst": vars(h.stitch.dst)},
-            **_cost(h, x1)))
+            cka=info["cka"], ls_val_acc=info["ls_val_acc"], val_acc=info["init_val_acc"],
+            init=info["init"], init_val_acc=info["init_val_acc"], stitch_state="ls",
+            ports={"src": vars(h.stitch.src), "dst": vars(h.stitch.dst)},
+            **{k: info[k] for k in cost_keys}))
         entries[-1].ls_test_acc = entries[-1].test_acc
 
     if cfg.finetune != "none":
         chosen = to_finetune(entries, cfg.finetune)
         cache = FrontCache()
+        teacher = max(anchors, key=lambda a: a.val_acc).model if cfg.ft.distill > 0 else None
         for (h, _), e in zip(hybrids, entries[len(anchors):]):
             if e.name not in chosen:
                 continue
-            res = finetune_stitch(h, splits, cfg.ft, cache=cache, progress=progress)
+            res = finetune_stitch(h, splits, cfg.ft, cache=cache, teacher=teacher, progress=progress)
             e.val_acc, e.test_acc, e.stitch_state = res.val_acc, evaluate(h, splits.test), "finetuned"
 
     for (h, _), e in zip(hybrids, entries[len(anchors):]):
         tensors = _stitch_tensors(h)
         e.artifact = catalog.put_artifact(tensors)
-        e.delta_bytes = compressed_size(fp16_bytes(tensors))
+        e.delta_bytes = delta_size(tensors)
         e.id = f"h-{e.artifact[:12]}"
     catalog.entries = entries
+    tuned = [e for e in entries if e.stitch_state == "finetuned"]
     catalog.meta = {
         "data": splits.fingerprint, "dataset": data,
-        "build": {"top_k": cfg.top_k, "screen": cfg.screen,
-                                              "finetune": cfg.finetune},
+        "build": {"top_k": cfg.top_k, "screen": cfg.screen, "finetune": cfg.finetune,
+                  "anchors": "stitch-aware" if zoo.stitches else "apart"},
+        "anchor_training": zoo.info,
         "candidates": candidates, "cka": cka_maps,
         "spearman_cka_vs_ls_acc": spearman([c["cka"] for c in candidates],
                                            [c["ls_val_acc"] for c in candidates]),
+        "spearman_init_val_vs_test": spearman([e.init_val_acc for e in tuned],
+                                              [e.test_acc for e in tuned]),
+        "usefulness": usefulness(entries),
     }
     catalog.save()
     return catalog

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,9 @@ class Entry:
     delta_bytes: int | None = None  # stitch tensors as fp16 safetensors, zlib-compressed
     ports: dict[str, Any] | None = None  # the stitch's src/dst ports
     recipe: dict[str, Any] | None = None  # anchors: how to create the timm model skeleton
+    training: str | None = None  # anchors: "apart", "checkpoint" (as given) or "stitch-aware"
+    init: str | None = None  # hybrids: the stitch's start, "co-trained" or "ls"
+    init_val_acc: float | None = None  # hybrids: validation accuracy at that start
 
     @property
     def delta_ratio(self) -> float | None:
@@ -59,6 +63,69 @@ def pareto(entries: list[Entry], cost: str = "latency_ms") -> list[Entry]:
                         and (getattr(o, cost) < getattr(e, cost) or o.test_acc > e.test_acc)
                         for o in entries)]
     return sorted(front, key=lambda e: getattr(e, cost))
+
+
+def useful(entries: list[Entry], cost: str = "flops") -> list[Entry]:
+    """Hybrids more accurate (test split) than every anchor whose `cost` is no higher — and
+    at least one anchor is that cheap, so the claim is never vacuous."""
+    anchors = [e for e in entries if e.kind == "anchor"]
+    out = []
+    for e in entries:
+        fits = [a for a in anchors if getattr(a, cost) <= getattr(e, cost)]
+        if e.kind == "hybrid" and fits and all(e.test_acc > a.test_acc for a in fits):
+            out.append(e)
+    return sorted(out, key=lambda e: getattr(e, cost))
+
+
+def best_within(entries: list[Entry], budget: float, cost: str = "flops") -> Entry | None:
+    """The most accurate entry whose `cost` fits `budget` (the cheaper one on a tie)."""
+    fits = [e for e in entries if getattr(e, cost) <= budget]
+    return max(fits, key=lambda e: (e.test_acc, -getattr(e, cost)), default=None)
+
+
+def coverage(entries: list[Entry], cost: str = "flops") -> float:
+    """The share of the log-cost interval between the cheapest and the dearest anchor in which
+    the most accurate model that fits is a useful hybrid (0–1)."""
+    anchors = [getattr(e, cost) for e in entries if e.kind == "anchor"]
+    lo, hi = min(anchors), max(anchors)
+    if hi <= lo:
+        return 0.0
+    good = {e.name for e in useful(entries, cost)}
+    marks = sorted({lo, hi, *(getattr(e, cost) for e in entries if lo < getattr(e, cost) < hi)})
+    covered = sum(math.log(b / a) for a, b in zip(marks, marks[1:])
+                  if (best := best_within(entries, a, cost)) is not None and best.name in good)
+    return covered / math.log(hi / lo)
+
+
+def chord_margins(entries: list[Entry], cost: str = "flops") -> dict[str, float]:
+    """For each hybrid on the Pareto frontier between the cheapest and dearest anchor: its test
+    accuracy minus the straight line (in log cost) between the anchors on either side of it.
+    All ≥ 0 means the frontier is nowhere below the line between adjacent anchors."""
+    anchors = sorted((e for e in entries if e.kind == "anchor"), key=lambda e: getattr(e, cost))
+    out = {}
+    for e in pareto(entries, cost):
+        c = getattr(e, cost)
+        below = [a for a in anchors if getattr(a, cost) <= c]
+        above = [a for a in anchors if getattr(a, cost) > c]
+        if e.kind != "hybrid" or not below or not above:
+            continue
+        a, b = below[-1], above[0]
+        ca, cb = getattr(a, cost), getattr(b, cost)
+        t = math.log(c / ca) / math.log(cb / ca)
+        out[e.name] = e.test_acc - (a.test_acc + t * (b.test_acc - a.test_acc))
+    return out
+
+
+def usefulness(entries: list[Entry]) -> dict[str, Any]:
+    """The catalog's figures of merit, on FLOPs and on this machine's latency."""
+    out: dict[str, Any] = {}
+    for cost in ("flops", "latency_ms"):
+        margins = chord_margins(entries, cost)
+        out[cost] = {"useful": [e.name for e in useful(entries, cost)],
+                     "coverage": coverage(entries, cost),
+                     "chord_margin_min": min(margins.values(), default=None),
+                     "chord_margins": margins}
+    return out
 
 
 @dataclass

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
+
+from .inputs import InputSpec
 
 log = logging.getLogger(__name__)
 
@@ -210,16 +211,21 @@ def _subset(n: int, k: int | None, what: str, generator: torch.Generator) -> tor
 
 
 def _prepare(s: ImageSet, idx: torch.Tensor, image_size: int) -> Split:
-    x = s.x[idx].float()
-    if x.shape[-2:] != (image_size, image_size):
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
-    return Split(((x / 255 - 0.5) / 0.5).contiguous(), s.y[idx].clone())
+    spec = InputSpec(int(s.x.shape[1]), (image_size, image_size))  # what the agent serves with
+    return Split(spec.prepare(s.x[idx]), s.y[idx].clone())
+
+
+def split_sizes(n: int) -> tuple[int, int]:
+    """Default calibration and validation sizes for ``n`` labelled training images: a tenth and
+    a seventh of them, at most 1,000 and 2,000 (1,500 images leave about 1,000 to train on)."""
+    return min(1000, max(1, n // 10)), min(2000, max(1, n // 7))
 
 
 def make_splits(source: str | Path = "fashion-mnist", *, image_size: int = 32, n_train: int | None = None,
-                n_calib: int = 1000, n_val: int = 2000, n_test: int | None = None,
+                n_calib: int | None = None, n_val: int | None = None, n_test: int | None = None,
                 test_fraction: float = 0.15, seed: int = 0) -> DataSplits:
-    """Build deterministic train/calib/val/test splits of ``source`` resized to ``image_size``."""
+    """Build deterministic train/calib/val/test splits of ``source`` resized to ``image_size``;
+    calibration and validation sizes left as None scale with the data (`split_sizes`)."""
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
     data, test_set = load_source(source)
@@ -236,12 +242,16 @@ def make_splits(source: str | Path = "fashion-mnist", *, image_size: int = 32, n
         test_set = data
     else:
         test_idx = _subset(len(test_set.y), n_test, "n_test", g)
+    auto_calib, auto_val = split_sizes(len(perm))
+    n_calib = auto_calib if n_calib is None else n_calib
+    n_val = auto_val if n_val is None else n_val
     for name, k in (("n_calib", n_calib), ("n_val", n_val)):
         if k < 1:
             raise ValueError(f"{name} must be >= 1, got {k}")
     if n_calib + n_val >= len(perm):
         raise ValueError(f"n_calib + n_val = {n_calib + n_val} leaves no training data: "
-                         f"only {len(perm)} examples available")
+                         f"only {len(perm)} examples available; lower them or leave them out "
+                         "of the zoo file to size them from the data")
     calib_idx, val_idx, rest = perm[:n_calib], perm[n_calib:n_calib + n_val], perm[n_calib + n_val:]
     train_idx = rest[_subset(len(rest), n_train, "n_train", g)]
     h = hashlib.sha256(_digest(data) + (b"held-out" if test_set is data else _digest(test_set)))

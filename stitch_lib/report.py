@@ -9,19 +9,24 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from .catalog import Catalog  # noqa: E402
+from .catalog import Catalog, usefulness  # noqa: E402
 
 
-def catalog_table(cat: Catalog, cost: str = "latency_ms") -> Table:
-    """Every entry, cheapest first, with the Pareto frontier marked ★."""
+def catalog_table(cat: Catalog, cost: str = "flops") -> Table:
+    """Every entry, cheapest first: ★ on the Pareto frontier, ✓ a useful hybrid (more
+    accurate than every anchor that costs no more)."""
     on_front = {e.name for e in cat.frontier(cost)}
-    t = Table(title=f"catalog {cat.root} — ★ on the Pareto frontier (accuracy vs {cost})")
-    for col in ("", "model", "joint", "stitch", "CKA", "acc LS", "acc", "MFLOPs", "params",
+    good = set(usefulness(cat.entries)[cost]["useful"])
+    t = Table(title=f"catalog {cat.root} — ★ Pareto frontier, ✓ useful (accuracy vs {cost})")
+    for col in ("", "model", "joint", "stitch", "CKA", "acc start", "acc", "MFLOPs", "params",
                 "latency ms", "act KiB", "delta B", "delta %"):
         t.add_column(col, justify="left" if col in ("model", "joint", "stitch") else "right")
     for e in sorted(cat.entries, key=lambda e: getattr(e, cost)):
+        state = (f"{e.stitch_state} ({e.init})" if e.init else e.stitch_state) if e.kind == \
+            "hybrid" else f"anchor ({e.training or 'apart'})"
         t.add_row(
-            "★" if e.name in on_front else "", e.name, e.joint or "", e.stitch_state or "anchor",
+            ("★" if e.name in on_front else "") + ("✓" if e.name in good else ""), e.name,
+            e.joint or "", state,
             f"{e.cka:.2f}" if e.cka is not None else "",
             f"{e.ls_test_acc:.2%}" if e.ls_test_acc is not None else "",
             f"{e.test_acc:.2%}", f"{e.flops / 1e6:.1f}", f"{e.params / 1e6:.2f}M",
@@ -31,6 +36,19 @@ def catalog_table(cat: Catalog, cost: str = "latency_ms") -> Table:
     return t
 
 
+def usefulness_text(cat: Catalog) -> str:
+    """The catalog's figures of merit in a few lines."""
+    lines = []
+    for cost, label in (("flops", "FLOPs"), ("latency_ms", "latency on this machine")):
+        u = usefulness(cat.entries)[cost]
+        margin = u["chord_margin_min"]
+        lines.append(f"on {label}: {len(u['useful'])} useful hybrids, coverage "
+                     f"{u['coverage']:.0%}, frontier vs the line between adjacent anchors: "
+                     + ("no frontier hybrid between anchors" if margin is None
+                        else f"min {100 * margin:+.2f} points"))
+    return "\n".join(lines)
+
+
 def plot_pareto(cat: Catalog, path: Path) -> Path:
     """Accuracy against latency and against FLOPs; anchors, LS-only and fine-tuned hybrids
     marked apart, the frontier drawn as a step line."""
@@ -38,7 +56,7 @@ def plot_pareto(cat: Catalog, path: Path) -> Path:
     for ax, cost, scale, label in ((axes[0], "latency_ms", 1, "latency at batch 1 (ms, CPU)"),
                                    (axes[1], "flops", 1e6, "MFLOPs")):
         groups = (("anchor", "s", "black", [e for e in cat.anchors]),
-                  ("hybrid, LS init", "o", "tab:orange",
+                  ("hybrid, not fine-tuned", "o", "tab:orange",
                    [e for e in cat.hybrids if e.stitch_state == "ls"]),
                   ("hybrid, fine-tuned", "^", "tab:blue",
                    [e for e in cat.hybrids if e.stitch_state == "finetuned"]))
@@ -48,6 +66,14 @@ def plot_pareto(cat: Catalog, path: Path) -> Path:
         for e in cat.anchors:
             ax.annotate(e.name, (getattr(e, cost) / scale, e.test_acc * 100),
                         textcoords="offset points", xytext=(5, 5), fontsize=9)
+        ax.set_xscale("log")
+        good = [cat.get(n) for n in usefulness(cat.entries)[cost]["useful"]]
+        ax.scatter([getattr(e, cost) / scale for e in good], [e.test_acc * 100 for e in good],
+                   marker="o", s=140, facecolors="none", edgecolors="tab:red",
+                   label="useful hybrid")
+        anchors = sorted(cat.anchors, key=lambda e: getattr(e, cost))
+        ax.plot([getattr(e, cost) / scale for e in anchors], [e.test_acc * 100 for e in anchors],
+                ls=":", color="grey", label="line between anchors")
         front = cat.frontier(cost)
         ax.step([getattr(e, cost) / scale for e in front], [e.test_acc * 100 for e in front],
                 where="post", color="tab:green", alpha=0.6, label="Pareto frontier")

@@ -22,6 +22,7 @@ from .data import DataSplits, Split
 from .stitch import Hybrid
 
 log = logging.getLogger(__name__)
+AUGMENTS = ("shift-flip", "shift", "none")
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,10 @@ class TrainConfig:
     batch_size: int = 128
     weight_decay: float = 0.05
     n_train: int | None = None  # train on a seeded subset of this size
-    patience: int = 1  # epochs without validation gain before stopping (fine-tuning)
+    patience: int = 1  # validations without gain before stopping (fine-tuning)
     distill: float = 0.0  # weight of distillation from a teacher, 0 = off
+    steps: int | None = None  # fine-tuning: optimiser steps, whatever the data size (not epochs)
+    augment: str = "shift-flip"  # "shift-flip", "shift" (digits, text: no flips) or "none"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -42,12 +45,16 @@ class TrainConfig:
             raise ValueError("TrainConfig needs epochs >= 1, batch_size >= 1 and lr > 0")
         if not 0 <= self.distill <= 1:
             raise ValueError(f"distill is a loss weight in [0, 1], got {self.distill}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1 (or left out for epochs), got {self.steps}")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {AUGMENTS}, got {self.augment!r}")
 
 
 @dataclass
 class TrainResult:
     val_acc: float
-    epochs_run: int
+    epochs_run: int  # validations run: one per epoch, or per `steps // 4` when steps is set
     seconds: float
     history: list[float] = field(default_factory=list)  # validation accuracy per epoch run
 
@@ -67,12 +74,24 @@ def _subset(split: Split, n: int | None, seed: int) -> Split:
     return Split(split.x[idx], split.y[idx])
 
 
-def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random shift by up to 2 pixels (one per batch) and per-image horizontal flips."""
+def augment(x: torch.Tensor, g: torch.Generator, kind: str = "shift-flip") -> torch.Tensor:
+    """Random shift by up to 2 pixels (one per batch) and, for "shift-flip", per-image
+    horizontal flips (wrong for digits and text: use "shift" there)."""
+    if kind == "none":
+        return x
     dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=g))
     x = torch.roll(F.pad(x, (2, 2, 2, 2)), shifts=(dy, dx), dims=(2, 3))[..., 2:-2, 2:-2]
+    if kind == "shift":
+        return x
     flip = torch.rand(len(x), generator=g) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def distill_loss(logits: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL divergence to a teacher's softened predictions, scaled by T² (Hinton et al.)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(logits / t, 1), F.softmax(teacher / t, 1),
+                    reduction="batchmean") * t * t
 
 
 def _cosine(opt: torch.optim.Optimizer, total: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -107,7 +126,7 @@ def train_anchor(model: nn.Module, splits: DataSplits, cfg: TrainConfig,
     for epoch in range(cfg.epochs):
         model.train()
         for x, y in train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed + epoch):
-            loss = F.cross_entropy(model(_augment(x, g)), y, label_smoothing=0.1)
+            loss = F.cross_entropy(model(augment(x, g, cfg.augment)), y, label_smoothing=0.1)
             _step(loss, opt, sched, progress, task)
         history.append(evaluate(model, splits.val))
         log.info("%s epoch %d: val acc %.4f", label, epoch + 1, history[-1])
@@ -153,32 +172,37 @@ def _fit(hybrid: Hybrid, splits: DataSplits, cfg: TrainConfig, scope: str,
         with torch.no_grad():
             t_logits = torch.cat([teacher(x) for x, _ in train.batches(512)])
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0 if stitch_only else cfg.weight_decay)
-    steps = cfg.epochs * math.ceil(len(train) / cfg.batch_size)
+    per_epoch = math.ceil(len(train) / cfg.batch_size)
+    steps = cfg.steps or cfg.epochs * per_epoch
+    eval_every = per_epoch if cfg.steps is None else max(1, min(per_epoch, steps // 4))
     sched = _cosine(opt, steps, warmup=max(1, steps // 50))
     task = progress.add_task(f"fine-tune {scope}: {hybrid.name}", total=steps) if progress else None
     val = Split(val_in, splits.val.y)
     t0 = time.perf_counter()
     trained = hybrid.stitch if stitch_only else hybrid
     best, best_state, history, stale = evaluate(head, val), copy.deepcopy(trained.state_dict()), [], 0
-    for epoch in range(cfg.epochs):
-        head.train(not stitch_only)
+    step, epoch = 0, 0
+    while step < steps and stale <= cfg.patience:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        epoch += 1
         for k in range(0, len(order), cfg.batch_size):
+            head.train(not stitch_only)
             idx = order[k: k + cfg.batch_size]
             logits = head(train_in[idx])
             loss = F.cross_entropy(logits, train.y[idx])
             if t_logits is not None:
-                kd = F.kl_div(F.log_softmax(logits, 1), F.softmax(t_logits[idx], 1),
-                              reduction="batchmean")
-                loss = (1 - cfg.distill) * loss + cfg.distill * kd
+                loss = (1 - cfg.distill) * loss + cfg.distill * distill_loss(logits, t_logits[idx])
             _step(loss, opt, sched, progress, task)
-        history.append(evaluate(head, val))
-        if history[-1] > best:
-            best, stale = history[-1], 0
-            best_state = copy.deepcopy(trained.state_dict())
-        else:
-            stale += 1
-            if stale > cfg.patience:
+            step += 1
+            if step % eval_every and step < steps:
+                continue
+            history.append(evaluate(head, val))
+            if history[-1] > best:
+                best, stale = history[-1], 0
+                best_state = copy.deepcopy(trained.state_dict())
+            else:
+                stale += 1
+            if step >= steps or stale > cfg.patience:
                 break
     trained.load_state_dict(best_state)
     hybrid.eval()

@@ -1,25 +1,38 @@
 """The anchor zoo: timm models named in a small spec, loaded from a local checkpoint or trained
-from scratch on the dataset, and cached by content hash so the next run reuses them."""
+on the dataset, and cached by content hash so the next run reuses them.
+
+Every anchor trains under one budget rule (the zoo's `train:` — epochs, images, batch size,
+augmentation — shared by all; an anchor may set only its own optimiser settings). With
+`stitch_aware:` the anchors train together with stitches in the loop (`cotrain`), from scratch
+or from a user's checkpoints, and new anchor weights are written; without it, each trains
+apart, or a checkpoint is used frozen as given (pure ReStNet). The catalog records which."""
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import timm
+import torch
+import yaml
 from rich.progress import Progress
+from safetensors.torch import load as st_load
 from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from torch import nn
 
+from .assemble import from_recipe
+from .cotrain import Layout, Point, StitchAware, cotrain, make_stitches, plan_points
 from .data import DataSplits
 from .files import atomic_write
 from .segments import Segment, split_model
+from .stitch import Stitch
 from .train import TrainConfig, evaluate, train_anchor
 
+BUDGET_KEYS = ("epochs", "n_train", "batch_size", "steps", "augment", "seed")
 log = logging.getLogger(__name__)
 
 
@@ -57,24 +70,62 @@ class ZooSpec:
     anchors: tuple[AnchorSpec, ...]
     dataset: str = "fashion-mnist"
     image_size: int = 32
-    n_calib: int = 1000
-    n_val: int = 2000
+    n_calib: int | None = None  # None: sized from the data (see data.split_sizes)
+    n_val: int | None = None
     n_test: int | None = None
     seed: int = 0
+    train: TrainConfig | None = None  # the budget every anchor trains under
+    stitch_aware: StitchAware | None = None  # train the anchors with stitches in the loop
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ZooSpec":
-        """Validate a parsed zoo file; errors name the offending key."""
+    def from_dict(cls, d: dict[str, Any], base: Path | None = None) -> "ZooSpec":
+        """Validate a parsed zoo file; errors name the offending key. A relative `dataset`
+        path is taken from `base` (the zoo file's folder)."""
         if not isinstance(d, dict) or not d.get("anchors"):
             raise ValueError("a zoo spec needs a non-empty 'anchors' list")
+        d = dict(d)
+        budget = _from_dict(TrainConfig, d["train"], "train") if d.get("train") else None
         anchors = []
         for k, a in enumerate(d["anchors"]):
-            a = dict(a)
-            a["train"] = _from_dict(TrainConfig, a.get("train") or {}, f"anchors[{k}].train")
+            if not isinstance(a, dict):
+                raise ValueError(f"anchors[{k}] must be a mapping with 'name' and 'model'")
+            a, own = dict(a), dict(a.get("train") or {})
+            if budget is not None:
+                shared = sorted(set(own) & set(BUDGET_KEYS))
+                if shared:
+                    raise ValueError(f"anchors[{k}].train: {shared} belong to the zoo's `train:` "
+                                     "(one budget for every anchor); an anchor may set only "
+                                     "lr, weight_decay, patience and distill")
+                _from_dict(TrainConfig, own, f"anchors[{k}].train")  # names the bad key
+                a["train"] = replace(budget, **own)
+            else:
+                a["train"] = _from_dict(TrainConfig, own, f"anchors[{k}].train")
             anchors.append(_from_dict(AnchorSpec, a, f"anchors[{k}]"))
         if len({a.name for a in anchors}) != len(anchors):
             raise ValueError("anchor names must be unique")
-        return _from_dict(cls, {**d, "anchors": tuple(anchors)}, "zoo")
+        sa = d.get("stitch_aware")
+        if sa is True:
+            sa = {}
+        if sa not in (None, False):
+            if budget is None:
+                raise ValueError("stitch_aware trains every anchor in one loop, so the zoo needs "
+                                 "one budget: add `train: {epochs: 3, n_train: 40000}` at the "
+                                 "top level of the zoo file")
+            d["stitch_aware"] = _from_dict(StitchAware, sa, "stitch_aware")
+        else:
+            d["stitch_aware"] = None
+        source = d.get("dataset", "fashion-mnist")
+        if base is not None and source != "fashion-mnist" and not Path(source).is_absolute():
+            d["dataset"] = str((base / source).resolve())
+        return _from_dict(cls, {**d, "anchors": tuple(anchors), "train": budget}, "zoo")
+
+    @classmethod
+    def from_file(cls, path: Path) -> "ZooSpec":
+        """Read and validate a zoo YAML file; ValueError naming the file and key otherwise."""
+        try:
+            return cls.from_dict(yaml.safe_load(Path(path).read_text()), Path(path).parent)
+        except (OSError, yaml.YAMLError, ValueError, TypeError) as exc:
+            raise ValueError(f"bad zoo file {path}: {exc}") from exc
 
 
 @dataclass
@@ -87,18 +138,22 @@ class Anchor:
     val_acc: float
     train_seconds: float
     recipe: dict[str, Any]  # how to create the model skeleton: see `recipe`
+    training: str = "apart"  # "apart", "checkpoint" (frozen as given) or "stitch-aware"
+
+
+@dataclass
+class Zoo:
+    """The ready anchors, plus the stitches trained with them (none when trained apart)."""
+
+    anchors: list[Anchor]
+    stitches: dict[Point, Stitch] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # what the training measured
 
 
 def recipe(spec: AnchorSpec, splits: DataSplits) -> dict[str, Any]:
     """Everything `timm.create_model` needs to rebuild the anchor's architecture."""
     return {"model": spec.model, "kwargs": dict(spec.kwargs),
             "num_classes": splits.num_classes, "in_chans": splits.in_chans}
-
-
-def from_recipe(r: dict[str, Any]) -> nn.Module:
-    """An anchor's architecture with untrained weights, in eval mode (load weights next)."""
-    return timm.create_model(r["model"], num_classes=r["num_classes"], in_chans=r["in_chans"],
-                             **r["kwargs"]).eval()
 
 
 def create(spec: AnchorSpec, splits: DataSplits) -> nn.Module:
@@ -115,20 +170,34 @@ def create(spec: AnchorSpec, splits: DataSplits) -> nn.Module:
     return from_recipe(recipe(spec, splits)).train()
 
 
+def _provenance(specs: list[AnchorSpec]) -> dict[str, Any]:
+    """What else decides trained weights: library versions, CPU threads (they change the
+    order of float sums) and the content of every checkpoint started from."""
+    ckpts = {s.name: hashlib.sha256(Path(s.checkpoint).read_bytes()).hexdigest()
+             for s in specs if s.checkpoint}
+    return {"timm": timm.__version__, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "checkpoints": ckpts}
+
+
 def cache_key(spec: AnchorSpec, splits: DataSplits) -> str:
     """Content hash of everything that determines a trained anchor's weights."""
     blob = json.dumps({"spec": asdict(spec), "data": splits.fingerprint,
-                       "timm": timm.__version__}, sort_keys=True, default=str)
+                       **_provenance([spec])}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _state(model: nn.Module) -> bytes:
+    return st_save({k: v.contiguous() for k, v in model.state_dict().items()})
 
 
 def load_anchor(spec: AnchorSpec, splits: DataSplits, cache_dir: Path,
                 progress: Progress | None = None) -> Anchor:
-    """The anchor from its checkpoint, from the cache, or trained now and cached."""
+    """The anchor trained apart: from its checkpoint (frozen as given), from the cache, or
+    trained now and cached."""
     model = create(spec, splits)
     if spec.checkpoint:
         return Anchor(spec, model.eval(), split_model(model), evaluate(model, splits.val), 0.0,
-                      recipe(spec, splits))
+                      recipe(spec, splits), "checkpoint")
     cache_dir.mkdir(parents=True, exist_ok=True)
     stem = cache_dir / f"{spec.name}-{cache_key(spec, splits)}"
     weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
@@ -138,17 +207,62 @@ def load_anchor(spec: AnchorSpec, splits: DataSplits, cache_dir: Path,
         log.info("anchor %s: reused %s", spec.name, weights)
     else:
         result = train_anchor(model, splits, spec.train, progress, label=spec.name)
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        atomic_write(weights, st_save(state))
+        blob = _state(model)
+        atomic_write(weights, blob)
         info = {"val_acc": result.val_acc, "train_seconds": result.seconds,
-                "history": result.history}
+                "history": result.history, "weights_sha256": hashlib.sha256(blob).hexdigest()}
         atomic_write(meta, json.dumps(info, indent=1).encode())
     model.eval()
     return Anchor(spec, model, split_model(model), info["val_acc"], info["train_seconds"],
                   recipe(spec, splits))
 
 
+def _stitch_aware(zoo: ZooSpec, splits: DataSplits, cache_dir: Path,
+                  progress: Progress | None) -> Zoo:
+    """Every anchor trained together with stitches (see `cotrain`), or reused from the cache
+    when the same zoo was trained on the same data before."""
+    specs = list(zoo.anchors)
+    models = {s.name: create(s, splits).eval() for s in specs}  # cotrain sets train mode
+    segments = {n: split_model(m) for n, m in models.items()}
+    points = plan_points({n: Layout.of(segs, splits.calib.x) for n, segs in segments.items()})
+    blob = json.dumps({"zoo": asdict(zoo), "data": splits.fingerprint, **_provenance(specs)},
+                      sort_keys=True, default=str)
+    root = cache_dir / f"stitch-aware-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+    meta = root / "meta.json"
+    if meta.is_file():
+        info = json.loads(meta.read_text())
+        for n, m in models.items():
+            m.load_state_dict(load_file(root / f"{n}.safetensors"))
+        stitches = make_stitches(segments, points, splits.calib.x)
+        saved = st_load((root / "stitches.safetensors").read_bytes())
+        for p, st in stitches.items():
+            st.load_state_dict({k.split("/", 1)[1]: v for k, v in saved.items()
+                                if k.split("/", 1)[0] == p.key})
+        log.info("stitch-aware zoo: reused %s", root)
+    else:
+        res = cotrain(segments, splits, {s.name: s.train for s in specs}, zoo.stitch_aware,
+                      points, progress)
+        stitches = res.stitches
+        sums = {}
+        for n, m in models.items():
+            data = _state(m)
+            atomic_write(root / f"{n}.safetensors", data)
+            sums[n] = hashlib.sha256(data).hexdigest()
+        atomic_write(root / "stitches.safetensors", st_save(
+            {f"{p.key}/{k}": v.contiguous() for p, st in stitches.items()
+             for k, v in st.state_dict().items()}))
+        info = {"val_acc": res.val_acc, "seconds": res.seconds, "history": res.history,
+                "stitch_val_acc": {p.key: a for p, a in res.stitch_val_acc.items()},
+                "weights_sha256": sums, "provenance": _provenance(specs)}
+        atomic_write(meta, json.dumps(info, indent=1).encode())
+    anchors = [Anchor(s, models[s.name].eval(), segments[s.name], info["val_acc"][s.name],
+                      info["seconds"], recipe(s, splits), "stitch-aware") for s in specs]
+    return Zoo(anchors, stitches, info)
+
+
 def build_zoo(zoo: ZooSpec, splits: DataSplits, cache_dir: Path,
-              progress: Progress | None = None) -> list[Anchor]:
-    """Every anchor of the zoo, ready and in eval mode."""
-    return [load_anchor(a, splits, cache_dir, progress) for a in zoo.anchors]
+              progress: Progress | None = None) -> Zoo:
+    """Every anchor of the zoo, ready and in eval mode, with its co-trained stitches."""
+    if zoo.stitch_aware is not None:
+        return _stitch_aware(zoo, splits, cache_dir, progress)
+    return Zoo([load_anchor(a, splits, cache_dir, progress) for a in zoo.anchors])

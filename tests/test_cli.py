@@ -24,7 +24,7 @@ def test_catalog_build_show_and_cka(tmp_path, capsys):
     zoo.write_text(yaml.safe_dump(TINY))
     home = tmp_path / "home"
     assert main(["catalog", "build", "--zoo", str(zoo), "--home", str(home), "--top-k", "1",
-                 "--screen", "2", "--ft-epochs", "1", "--ft-n-train", "200"]) == 0
+                 "--screen", "2", "--ft-steps", "5", "--ft-n-train", "200"]) == 0
     assert (home / "catalog" / "catalog.json").is_file()
     assert (home / "catalog" / "pareto.png").stat().st_size > 10_000
     assert "Pareto frontier" in capsys.readouterr().out
