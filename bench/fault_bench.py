@@ -25,9 +25,10 @@ fixture does, so that max_accuracy and min_energy pick different models.
    out in waves); at fixed offsets from the edit: 20% telemetry loss on every simulated device,
    a partition of 20% of them for 10 s, the broker SIGKILLed and restarted, the controller
    SIGKILLed and restarted. Then wait until every device settled (or a deadline).
-4. Bad inputs: with one device's login, junk on its own topics (the controller must drop it)
-   and publishes on others' topics (the broker must refuse them: PUBACK 135); with the
-   controller's login, unsigned, wrongly signed, tampered, replayed and misaddressed desired
+4. Bad inputs: with a device's login (`evil-dev`), junk on its own topics (the controller
+   must drop it) and publishes on others' topics (the broker must refuse them: PUBACK 135);
+   with an operator login (the controller's rights; client IDs are usernames, so it cannot
+   share the controller's own), unsigned, wrongly signed, tampered, replayed and misaddressed desired
    states to 3 devices (their agents must refuse them and keep their model).
 5. Checks: deployments all terminal, none duplicated; the crashed agents' caches rebuild,
    their download resumed with only the missing chunks, their first birth after a swap crash
@@ -74,6 +75,8 @@ from stitch_lib.catalog import Catalog  # noqa: E402
 
 log = logging.getLogger("fault_bench")
 START, END = "<!-- fault-bench:start -->", "<!-- fault-bench:end -->"
+EVIL = "evil-dev"  # a device login of the attacker's, beside the simulated fleet
+SPIES = ["telemetry-counter", "watcher", "leak-spy", "evil-ctl"]  # operator logins
 CRASH = {"board-000": "chunk:3", "board-001": "chunk:3", "board-002": "swap", "board-003": "swap"}
 CHUNK = {"board-001": 2048}  # bytes per chunk, else 4096 (see above)
 T_LOSS, T_CUT, T_BROKER, T_CONTROLLER = 1.0, 2.0, 5.0, 10.0  # seconds after the policy edit
@@ -279,7 +282,8 @@ class Bench:
             raise RuntimeError(f"max_accuracy and min_energy both pick {self.old.name}")
         sims = [d for d, _ in make_fleet(self.args.devices, None, self.args.seed)]
         self.ids = sorted([*sims, *CRASH])  # the controller's rollout order
-        self.broker = start_broker(self.tmp / "broker", devices=self.ids)
+        self.broker = start_broker(self.tmp / "broker", devices=[*self.ids, EVIL],
+                                   operators=SPIES)
         keys, self.policy = self.tmp / "keys", self.tmp / "fleet.yaml"
         KeyDir(keys).init()
         write_policy(self.policy, self.catalog, "max_accuracy")
@@ -304,8 +308,8 @@ class Bench:
         def heard(client, userdata, msg) -> None:
             if self.fleet.devices[0].res.state.extra_loss > 0:  # the loss is on for all
                 self.loss["heard"] += 1
-        self.spy("telemetry-counter", "controller", [t.all_telemetry]).on_message = heard
-        self.spy("watcher", "controller", [t.ctl_state] + [
+        self.spy("telemetry-counter", "telemetry-counter", [t.all_telemetry]).on_message = heard
+        self.spy("watcher", "watcher", [t.ctl_state] + [
             x for b in CRASH for x in (t.art_req(b), t.state(b))] + [
             x for v in self.victims for x in (t.ack(v), t.desired(v))])
         self.fleet.start(self.broker.creds)
@@ -467,13 +471,13 @@ class Bench:
 
     # -- 4: bad inputs -----------------------------------------------------------------------------
     def bad_inputs(self) -> None:
-        t, me = self.fleet.topics, self.victims[0]
+        t, me = self.fleet.topics, EVIL
         other = next(d for d in sorted(self.sims) if d not in self.victims + self.full)
         cross = [t.telemetry(other), t.state(other), t.ack(other), t.art_req(other),
                  t.desired(me), t.desired(other), t.art_data(me), t.ctl_state, t.ctl_keys,
                  t.rebirth]
-        clients = [self.spy("leak-spy", "controller", cross), self.spy("evil-dev", me, []),
-                   self.spy("evil-ctl", "controller", [])]
+        clients = [self.spy("leak-spy", "leak-spy", cross), self.spy("evil-dev", me, []),
+                   self.spy("evil-ctl", "evil-ctl", [])]
         wait_for(lambda: all(c.is_connected() for c in clients), 20, "the bad clients")
         time.sleep(1.0)  # the leak spy's subscription is in place
         dev, ctl = clients[1:]
@@ -523,7 +527,7 @@ class Bench:
                         for v in self.victims for _, a in self.wire(Ack, v, "ack", t_sig)
                         if a.status == "FAILED")
         kept = all(self.running(v) == before[v][1] for v in self.victims)
-        self.r["bad"] += [(f"{kind} desired state (the controller's login)", len(self.victims),
+        self.r["bad"] += [(f"{kind} desired state (an operator login)", len(self.victims),
                            kinds[kind], "agent: FAILED ack; model and generation "
                            + ("unchanged" if kept else "CHANGED")) for kind in FORGED]
         self.r["refusals"] = {k: refusals()[k] for k in ("refused", "replayed")}

@@ -30,6 +30,11 @@ For every fleet size N, in a fresh private broker:
 4. Memory per simulated device: RSS of the fleet process once all N are steady, minus its RSS
    before any agent was created (torch imported, shared segments loaded, one verification
    per anchor run), divided by N.
+5. Served accuracy, four ways (`--served N` devices, 0 to skip): the demo's policy and
+   scenario run as `restnet demo` runs them, with the catalog and then with its anchors only
+   (same seed); the simulator's truth judges each, plus an oracle and the best static model
+   (restnet/demo.py). Also the seconds over budget or without a model, mispredicted rollbacks,
+   the hybrids' share and the bytes of stitches and of segments against whole models.
 
 Prints markdown tables (the command line first) and writes them into docs/results.md between
 the fleet-bench markers. Targets (figures, not assertions): reaction p99 < 1 s at 1,000
@@ -123,7 +128,6 @@ def _fleet_main(conn, cfg: dict) -> None:
     import torch
 
     torch.set_num_threads(1)  # two cores: the controller needs the other one
-    from device_agent.agent import AgentConfig
     from device_agent.cache import SegmentCache, SegmentRegistry, provision
     from device_agent.runtime import assemble, verify
     from simulators.devices import with_changes
@@ -140,8 +144,8 @@ def _fleet_main(conn, cfg: dict) -> None:
         registry.get(seg_id, lambda: master.read(seg_id))
     # one forward pass per anchor, as an agent's verification does: torch's one-time
     # allocations belong to the baseline, not to the devices
-    probe = torch.zeros(2, *AgentConfig.__dataclass_fields__["input_shape"].default)
     for a in catalog.anchors:
+        probe = torch.zeros(2, *registry.input_spec(a.segments[0]).shape)
         verify(assemble([registry.get(s, lambda: master.read(s)) for s in a.segments], None, []),
                probe)
     rss0 = rss_bytes()
@@ -328,8 +332,8 @@ def _flood_main(conn, cfg: dict) -> None:
 
     t = Topics()
     host = ClientHost()
-    clients = [make_client(f"flood-{os.getpid()}-{k}", **cfg["login"])
-               for k in range(cfg["clients"])]
+    clients = [make_client(f"flood-{os.getpid()}-{k}", **login)
+               for k, login in enumerate(cfg["logins"])]
     for c in clients:
         host.add(c, *parse_url(cfg["url"]))
     host.run(until=lambda: all(c.is_connected() for c in clients), timeout=15)
@@ -469,8 +473,14 @@ class Run:
         from simulators.devices import make_fleet
 
         ids = [dev_id for dev_id, _ in make_fleet(self.n, None, self.args.seed)]
-        self.broker = start_broker(self.tmp / "broker", devices=ids)  # logins and ACLs on
+        # logins and ACLs on; client IDs are usernames, so every connection beside the
+        # controller's (the bare subscriber, each flood client) has an operator login
+        floods = [f"flood-{k}" for k in range(self.args.flood_clients)]
+        self.broker = start_broker(self.tmp / "broker", devices=ids,
+                                   operators=["bare-counter", *floods])
         self.login = {"username": "controller", "password": self.broker.creds["controller"]}
+        self.logins = {u: {"username": u, "password": self.broker.creds[u]}
+                       for u in ["bare-counter", *floods]}
         self.url = self.broker.url
         log.info("N=%d: broker %s", self.n, self.url)
         policy = write_policy(self.tmp / "fleet.yaml", self.catalog_dir, self.args.reconcile_s)
@@ -658,7 +668,7 @@ class Run:
         bare = {"n": 0}
         subscribed = threading.Event()
         bare_host = ClientHost()
-        client = make_client(f"bare-counter-{os.getpid()}", **self.login)
+        client = make_client(f"bare-counter-{os.getpid()}", **self.logins["bare-counter"])
 
         def on_message(c, u, msg) -> None:
             bare["n"] += 1
@@ -670,7 +680,8 @@ class Run:
         bare_thread = run_in_thread(bare_host, "bare-subscriber")
         flood_conn, child = self.ctx.Pipe()
         flood = self.ctx.Process(target=flood_process, name="flood", daemon=True, args=(child, dict(
-            url=self.url, devices=self.devices, clients=self.args.flood_clients, login=self.login,
+            url=self.url, devices=self.devices, clients=self.args.flood_clients,
+            logins=[self.logins[f"flood-{k}"] for k in range(self.args.flood_clients)],
             seconds=self.args.flood_s, log_level=log.getEffectiveLevel())))
         try:
             flood.start()
@@ -915,6 +926,39 @@ def hybrid_payload_ratios(cat) -> list[float]:
     return out
 
 
+def served_comparison(args, catalog_dir: Path, tmp: Path) -> dict:
+    """Phase 5: the demo's scenario with the catalog, then with its anchors only."""
+    from restnet.demo import anchors_only, run, with_catalog
+    from stitch_lib.catalog import Catalog
+
+    demo = argparse.Namespace(scenario=args.served_scenario, devices=args.served,
+                              seed=args.seed)
+    catalog = Catalog.load(catalog_dir)
+    result = run(demo, with_catalog(args.served_policy, catalog_dir, tmp / "fleet.yaml"),
+                 catalog, tmp / "restnet", live=False)
+    base = anchors_only(catalog, tmp / "anchors-catalog")
+    other = run(demo, with_catalog(args.served_policy, base.root, tmp / "anchors.yaml"), base,
+                tmp / "anchors", live=False)
+    result["served_accuracy"]["anchors_only"] = other["served_accuracy"]["restnet"]
+    return result
+
+
+def served_lines(r: dict, args) -> list[str]:
+    acc = r["served_accuracy"]
+    return ["", f"Served accuracy ({r['devices']} devices, {args.served_scenario}, policy "
+                f"{args.served_policy}, seed {args.seed}): mean test accuracy of the model "
+                "serving within its budget, over device-seconds.", "",
+            "| restnet | anchors only | static | oracle | over budget s | no model s | "
+            "rollbacks mispredicted | hybrid share | stitch KB | segment KB | whole models KB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| " + " | ".join([_fmt(acc.get(k), "{:.3f}") for k in
+                               ("restnet", "anchors_only", "static", "oracle")] + [
+                _fmt(r["budget_violation_s"], "{:.0f}"), _fmt(r["no_model_s"], "{:.0f}"),
+                str(r["rollbacks_mispredicted"]), _fmt(r["hybrid_share"], "{:.2f}"),
+                _fmt(r["stitch_bytes"] / 1e3, "{:.0f}"), _fmt(r["segment_bytes"] / 1e3, "{:.0f}"),
+                _fmt(r["whole_model_bytes"] / 1e3, "{:.0f}")]) + " |"]
+
+
 def write_results(lines: list[str]) -> Path:
     path = ROOT / "docs" / "results.md"
     text = path.read_text() if path.exists() else "# Results\n"
@@ -963,6 +1007,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-fleet", type=Path, default=None, metavar="DIR",
                    help="write a cProfile of each fleet process's loop thread into DIR")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--served", type=int, default=100, metavar="N",
+                   help="devices of the served-accuracy runs (0: skip them)")
+    p.add_argument("--served-policy", type=Path, default=ROOT / "fleet.yaml")
+    p.add_argument("--served-scenario", type=Path, default=ROOT / "scenarios" / "demo.yaml")
     p.add_argument("--workroot", type=Path,
                    default=Path("/dev/shm") if Path("/dev/shm").is_dir() else None,
                    help="where the temp dirs go (default /dev/shm: the one thread that "
@@ -984,6 +1032,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = mp.get_context("spawn")
     load = os.getloadavg()
     rows: list[dict] = []
+    served: dict | None = None
     t0 = time.monotonic()
     try:
         for n in sizes:
@@ -991,6 +1040,11 @@ def main(argv: list[str] | None = None) -> int:
                                              dir=args.workroot) as tmp:
                 log.info("=== N=%d (catalog %s) ===", n, catalog)
                 rows.append(Run(n, args, ctx, catalog, Path(tmp)).execute())
+        if args.served:
+            with tempfile.TemporaryDirectory(prefix="fleet-bench-served-",
+                                             dir=args.workroot) as tmp:
+                log.info("=== served accuracy, N=%d ===", args.served)
+                served = served_comparison(args, catalog, Path(tmp))
     except KeyboardInterrupt:
         log.error("interrupted; reporting what was measured")
     total = time.monotonic() - t0
@@ -1013,6 +1067,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"of its model (median; {min(hr):.2%}–{max(hr):.2%}).")
     except Exception as exc:  # a figure beside the measurement: never fatal
         log.warning("could not size the hybrids' desired payloads: %s", exc)
+    if served:
+        lines += served_lines(served, args)
     print("\n".join(lines), flush=True)
     if args.write and rows:
         log.info("written to %s", write_results(lines))

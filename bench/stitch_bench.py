@@ -37,7 +37,8 @@ from stitch_lib.data import load_fashion_mnist, make_splits
 from stitch_lib.stitch import build_hybrid
 from stitch_lib.train import FrontCache, TrainConfig, evaluate, finetune_full, finetune_stitch
 from stitch_lib.train import train_anchor
-from stitch_lib.zoo import Zoo, ZooSpec, build_zoo
+from restnet.stitch_cmd import load_zoo
+from stitch_lib.zoo import Zoo, build_zoo
 
 ROOT = Path(__file__).resolve().parents[1]
 out_lines: list[str] = []
@@ -128,7 +129,7 @@ def main() -> None:
                    help="quick: only the default recipe and the anchors-apart baseline")
     args = p.parse_args()
     torch.manual_seed(0)
-    spec = ZooSpec.from_file(args.zoo)
+    spec = load_zoo(args.zoo)
     if spec.stitch_aware is None:
         raise SystemExit("the bench compares stitch-aware anchors with anchors trained apart: "
                          "give the zoo a `stitch_aware:` block")

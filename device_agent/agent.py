@@ -1,9 +1,14 @@
 """The device agent: telemetry out, desired state in, hybrids assembled from cached segments,
-verified, hot-swapped, health-checked and rolled back by the device itself.
+verified, hot-swapped, health-checked and rolled back by the device itself — and the running
+model served to the board's applications (`Agent.infer`, or the local HTTP API of
+`device_agent.localapi`).
 
 The agent never owns an event loop: a `ClientHost` drives its MQTT client and timers, so a
 real board runs one agent on one host and a simulator runs a thousand agents on one host in one
-thread. Every callback catches its errors: a bad message is logged, counted and dropped.
+thread. The MQTT callbacks only parse and hand over: the work (signatures, chunk writes,
+assembly, verification, swaps, health probes, telemetry) runs on the agent's `Worker` — a
+thread on a board, inline in the simulator's loop. Every job catches its errors: a bad message
+is logged, counted and dropped.
 
 A deployment goes RECEIVED → (FETCHING n/N) → VERIFIED → SWAPPED → HEALTHY, or ends FAILED
 (the old model never stopped serving) or FAILED + ROLLED_BACK (the new one was unhealthy).
@@ -20,25 +25,32 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import paho.mqtt.client as mqtt
 import torch
+from pydantic import TypeAdapter, ValidationError
 
 from fleet_protocol import codec
-from fleet_protocol.messages import (Ack, ArtifactChunk, ArtifactRequest, Desired, ProtocolError,
-                                     Rebirth, State, Telemetry, decode, encode)
+from fleet_protocol.messages import (Ack, ArtifactChunk, ArtifactRequest, Capabilities, Desired,
+                                     ProtocolError, Rebirth, State, Telemetry, decode, encode)
 from fleet_protocol.mqtt import ClientHost, make_client
 from fleet_protocol.signing import Keyring, SignatureError, unverified
 from fleet_protocol.topics import Topics
 from stitch_lib.cost import flops
 from stitch_lib.files import atomic_write
+from stitch_lib.inputs import InputSpec
 
 from .cache import SegmentCache, SegmentRegistry
 from .resources import Resources
 from .runtime import LatencyWindow, Loaded, ModelSlot, assemble, build_stitch, health_verdict, verify
+from .serving import Prediction, Serving
+from .worker import ThreadWorker, Worker
 
 log = logging.getLogger(__name__)
 REFETCH_AFTER_S = 10.0  # re-request missing chunks after this long without progress
+_TAGS_FIELD = Capabilities.model_fields["tags"]
+_TAGS = TypeAdapter(Annotated[_TAGS_FIELD.annotation, *_TAGS_FIELD.metadata])  # as on the wire
 CRASH_ENV = "RESTNET_CRASH_AT"  # fault injection for the crash tests: "chunk:N" or "swap"
 
 
@@ -46,6 +58,17 @@ def _crash_point(name: str) -> None:
     """Die right here, as a power cut would, if the crash tests asked for it."""
     if os.environ.get(CRASH_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _checked_tags(tags: dict[str, str]) -> dict[str, str]:
+    """`tags` if the wire accepts them (fleet_protocol.messages.Tags), else ValueError."""
+    try:
+        return dict(_TAGS.validate_python(tags))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err.get("loc", ()))[:40]
+        raise ValueError(f"bad tags: {where + ': ' if where else ''}{err['msg']} (see "
+                         "Capabilities.tags in docs/protocol.md)") from None
 
 
 def _disk(exc: Exception) -> str:
@@ -60,10 +83,13 @@ class AgentConfig:
     topics: Topics = field(default_factory=Topics)
     telemetry_period: float = 5.0
     health_samples: int = 8  # latency samples taken by the health check
-    probe: tuple[torch.Tensor, torch.Tensor] | None = None  # labelled probe images (x, y)
+    # labelled probe images (x as the model's input, already prepared; y); without them the
+    # checks run on zeros of the model's input shape (from its stem segment's artifact)
+    probe: tuple[torch.Tensor, torch.Tensor] | None = None
     num_classes: int | None = None
-    input_shape: tuple[int, int, int] = (1, 32, 32)  # for verification without probe images
     chunk_size: int = 64 * 1024  # segment download chunks
+    tags: dict[str, str] = field(default_factory=dict)  # operator labels, sent in the birth
+    max_queue: int = 16  # inference requests that may wait for the model; more are refused
     username: str | None = None
     password: str | None = None
     tls_ca: Path | None = None  # TLS to the broker, checked against this CA
@@ -81,24 +107,43 @@ class Agent:
     """One device. `start()` registers it with a ClientHost; everything else is callbacks."""
 
     def __init__(self, cfg: AgentConfig, resources: Resources, host: ClientHost,
-                 registry: SegmentRegistry | None = None, clock=time.time) -> None:
+                 registry: SegmentRegistry | None = None, clock=time.time,
+                 worker: Worker | None = None) -> None:
+        """`worker` runs the deployment work: by default a thread of its own (a board); the
+        simulator passes an `InlineWorker` to keep a thousand agents on one thread."""
+        cfg.tags = _checked_tags(cfg.tags)
         self.cfg, self.resources, self.host, self.clock = cfg, resources, host, clock
         self.t = cfg.topics
         self.cache = SegmentCache(cfg.cache_dir)
         self.registry = registry or SegmentRegistry()
         self.slot = ModelSlot()
         self.latency = LatencyWindow()
+        self.serving = Serving(self.slot, self.latency, cfg.max_queue)
+        self.worker = worker or ThreadWorker(name=f"agent-{cfg.device_id}")
         self.stats: Counter[str] = Counter()
         self.session = time.time_ns()
         self.seq = 0
         self._reported = 0  # latency samples already reported
+        self._served = (0, 0, clock())  # (requests, errors, clock) at the previous telemetry
         self.applied = 0  # generation running (or last refused): older desired states are ignored
         self.pending: Desired | None = None
         self.fetching: dict[str, _Fetch] = {}
         self.keyring = Keyring(list(cfg.trust))
         self.client: mqtt.Client | None = None
-        self.probe = cfg.probe[0] if cfg.probe is not None else torch.zeros(2, *cfg.input_shape)
         self._restore()
+
+    # --- the board's applications ---------------------------------------------------------
+    def infer(self, images) -> Prediction:
+        """Classify `images` with the running model: an array or tensor, N×C×H×W, N×H×W×C or
+        N×H×W, uint8 pixels (0–255) or floats (0–1); resized and normalised as the model's
+        training data were. Thread-safe; a swap never interrupts a call, and the answer names
+        the generation that produced it. Raises serving.BadInput or serving.Unavailable."""
+        return self.serving.infer(images)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Replace the device's tags and announce them in a new birth."""
+        self.cfg.tags = _checked_tags(tags)
+        self._submit(self._birth, key="birth")
 
     # --- lifecycle ----------------------------------------------------------------------
     def start(self, broker_host: str, port: int) -> None:
@@ -111,25 +156,39 @@ class Agent:
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.host.add(self.client, broker_host, port)
-        self.host.every(self.cfg.telemetry_period, self._guard(self._tick), jitter=1.0)
+        self.host.every(self.cfg.telemetry_period, lambda: self._submit(self._tick, key="tick"),
+                        jitter=1.0)
 
     def stop(self) -> None:
-        """Go offline cleanly: publish the death state, then disconnect."""
+        """Go offline cleanly: finish the job in progress, publish the death state, then
+        disconnect."""
+        self.worker.stop()
         if self.client is not None:
             self._publish(self.t.state(self.cfg.device_id),
                           State(device_id=self.cfg.device_id, online=False,
                                 session=self.session, ts=self.clock()), retain=True)
             self.host.remove(self.client)
 
-    # --- shell: MQTT callbacks ----------------------------------------------------------
-    def _guard(self, fn):
-        def run(*args):
+    # --- shell: MQTT callbacks hand their work to the worker -------------------------------
+    def _submit(self, fn, *args, key: str | None = None, topic: str | None = None) -> None:
+        """Run `fn(*args)` on the worker; a bad message is counted and dropped, any other
+        error logged with its traceback — a job never raises."""
+        def job() -> None:
             try:
                 fn(*args)
-            except Exception:  # a callback must never kill the loop
+            except (ProtocolError, codec.ArtifactError) as exc:
+                self.stats["dropped"] += 1
+                log.warning("%s: dropped message on %s: %s", self.cfg.device_id,
+                            topic or fn.__name__, exc)
+            except Exception:
                 self.stats["errors"] += 1
                 log.exception("%s: error in %s", self.cfg.device_id, fn.__name__)
-        return run
+
+        if not self.worker.submit(job, key):
+            self.stats["overloaded"] += 1  # a chunk comes again when its download stalls
+            if self.stats["overloaded"] % 100 == 1:
+                log.warning("%s: work queue full, dropped %s (%d so far)", self.cfg.device_id,
+                            fn.__name__, self.stats["overloaded"])
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
@@ -139,22 +198,23 @@ class Agent:
         # the key set first: Mosquitto sends retained messages in subscription order
         client.subscribe([(self.t.ctl_keys, 1), (self.t.desired(d), 1), (self.t.art_data(d), 1),
                           (self.t.rebirth, 1)])
-        self._birth()
-        for seg_id in self.fetching:  # resume downloads cut by the disconnect
-            self._request(seg_id)
+        self._submit(self._rebirth, key="birth")  # also resumes downloads cut by the disconnect
 
     def _on_message(self, client, userdata, msg) -> None:
+        """Parse, then queue the work: nothing slow runs in the MQTT client's thread."""
         try:
-            if msg.topic == self.t.desired(self.cfg.device_id):
-                self._on_signed_desired(msg.payload)
+            if msg.topic == self.t.desired(self.cfg.device_id):  # the newest waiting wins
+                self._submit(self._on_signed_desired, msg.payload, key="desired",
+                             topic=msg.topic)
             elif msg.topic == self.t.art_data(self.cfg.device_id):
-                self._on_chunk(decode(ArtifactChunk, msg.payload))
+                self._submit(self._on_chunk, decode(ArtifactChunk, msg.payload), topic=msg.topic)
             elif msg.topic == self.t.ctl_keys:
-                self._on_keys(msg.payload)
+                self._submit(self._on_keys, msg.payload, topic=msg.topic)
             elif msg.topic == self.t.rebirth:
                 decode(Rebirth, msg.payload)  # a controller (re)started: tell it all again
-                self.host.call_later(random.uniform(0, 2), self._guard(self._rebirth))
-        except (ProtocolError, codec.ArtifactError) as exc:
+                self.host.call_later(random.uniform(0, 2),
+                                     lambda: self._submit(self._rebirth, key="birth"))
+        except ProtocolError as exc:
             self.stats["dropped"] += 1
             log.warning("%s: dropped message on %s: %s", self.cfg.device_id, msg.topic, exc)
         except Exception:
@@ -172,9 +232,10 @@ class Agent:
 
     def _birth(self) -> None:
         cur = self.slot.get()
+        caps = self.resources.capabilities().model_copy(update={"tags": dict(self.cfg.tags)})
         self._publish(self.t.state(self.cfg.device_id), State(
             device_id=self.cfg.device_id, online=True, session=self.session, ts=self.clock(),
-            capabilities=self.resources.capabilities(), segments=self.cache.ids(),
+            capabilities=caps, segments=self.cache.ids(),
             hybrid=cur.hybrid if cur else None, generation=self.applied,
             keys_seq=self.keyring.seq), retain=True)
 
@@ -184,17 +245,31 @@ class Agent:
             device_id=self.cfg.device_id, deployment_id=d.deployment_id,
             generation=d.generation, status=status, ts=self.clock(), **kw))
 
+    def _probe(self, spec: InputSpec) -> torch.Tensor:
+        """Two model inputs for checks and latency probes: the labelled probes, else zeros."""
+        probe = self.cfg.probe[0] if self.cfg.probe is not None else torch.zeros(2, *spec.shape)
+        if tuple(probe.shape[1:]) != spec.shape:
+            raise ValueError(f"the probe images are {tuple(probe.shape[1:])}, the model takes "
+                             f"{spec.shape}")
+        return probe
+
     def _tick(self) -> None:
         now = self.clock()
         cur = self.slot.get()
-        if cur is not None:
-            self.latency.add(self.resources.latency_ms(cur, self.probe))
+        requests, errors = self.serving.requests, self.serving.errors
+        n_req, n_err = requests - self._served[0], errors - self._served[1]
+        since = now - self._served[2]
+        self._served = (requests, errors, now)
+        if cur is not None and n_req == 0:  # idle: probe, so the latency stays known
+            self.latency.add(self.resources.latency_ms(cur, self._probe(cur.input)), cur)
         r = self.resources.sample(now)
         self.seq += 1
-        self._reported = self.latency.count
+        samples, self._reported = self.latency.count - self._reported, self.latency.count
         self._publish(self.t.telemetry(self.cfg.device_id), Telemetry(
             seq=self.seq, ts=now, lat_p50_ms=self.latency.percentile(50),
-            lat_p95_ms=self.latency.percentile(95), inferences=self.latency.count - self._reported,
+            lat_p95_ms=self.latency.percentile(95), inferences=samples, requests=n_req,
+            req_errors=n_err, req_rate=n_req / since if since > 0 else 0.0,
+            queue_depth=self.serving.queue_depth,
             hybrid=cur.hybrid if cur else None, generation=self.applied, **r), qos=0)
         for seg_id, f in self.fetching.items():
             if now - f.last_progress > REFETCH_AFTER_S:
@@ -342,11 +417,18 @@ class Agent:
         stitch = build_stitch(d.stitch) if d.stitch is not None else None
         if (stitch is None) != (not d.back):
             raise ValueError("a hybrid needs a stitch and back segments; an anchor neither")
+        spec = self.registry.input_spec(d.front[0])
+        if spec is None:
+            raise ValueError(f"segment {d.front[0][:12]} does not say what images the model "
+                             "takes (not a stem, or an artifact from before input formats): "
+                             "provision the cache afresh (`restnet agent provision`)")
+        probe = self._probe(spec)
         module = assemble(front, stitch, back)
-        verify(module, self.probe, self.cfg.num_classes)
+        verify(module, probe, self.cfg.num_classes)
         arch = (tuple(d.front), tuple(d.back),
                 d.stitch.model_dump_json(include={"src", "dst"}) if d.stitch else None)
-        return Loaded(module, d, self.registry.flops(arch, lambda: flops(module, self.probe[:1])))
+        return Loaded(module, d, self.registry.flops(arch, lambda: flops(module, probe[:1])),
+                      spec)
 
     def _apply(self, d: Desired) -> None:
         self.pending = None
@@ -359,9 +441,9 @@ class Agent:
             return
         self._ack(d, "VERIFIED")
         swap_ms = self.slot.swap(new)
+        self.latency.reset(new)
         _crash_point("swap")  # swapped in memory, not yet recorded on disk
         self.applied = d.generation
-        self.latency.clear()
         self._ack(d, "SWAPPED", swap_ms=swap_ms)
         problem = self._health(new)
         if problem is None:
@@ -369,8 +451,7 @@ class Agent:
         elif self.slot.previous is None:  # nothing to go back to: better than no model
             self._ack(d, "FAILED", reason=f"{problem}; no previous model, it keeps serving")
         else:
-            self.slot.rollback()
-            self.latency.clear()
+            self.latency.reset(self.slot.rollback())
             self._ack(d, "FAILED", reason=problem)
             self._ack(d, "ROLLED_BACK", reason=problem)
         self._save()
@@ -379,7 +460,7 @@ class Agent:
     @torch.no_grad()
     def _health(self, new: Loaded) -> str | None:
         for _ in range(self.cfg.health_samples):
-            self.latency.add(self.resources.latency_ms(new, self.probe))
+            self.latency.add(self.resources.latency_ms(new, self._probe(new.input)), new)
         acc = None
         if self.cfg.probe is not None:
             x, y = self.cfg.probe
@@ -418,3 +499,4 @@ class Agent:
                 except Exception as exc:  # a damaged cache must not stop the agent
                     log.warning("%s: cannot restore the %s model: %s", self.cfg.device_id, key,
                                 exc)
+        self.latency.reset(self.slot.get())

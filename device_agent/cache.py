@@ -1,7 +1,9 @@
 """The device's segment cache: verified segment artifacts on disk, resumable partial downloads,
 and a process-wide registry of rebuilt segment modules shared read-only between agents.
 
-Disk layout under the cache directory (every write is atomic: temp file, fsync, rename):
+Disk layout under the cache directory (every write is atomic: temp file, rename; all but the
+chunks are also fsynced — a chunk is checked again with the whole artifact, which is fsynced
+once, when it is assembled):
 
     segments/<segment-id>.safetensors      complete, verified artifacts
     partial/<segment-id>/meta.json         a download in progress: artifact sha256, size, total
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import threading
@@ -22,11 +25,11 @@ import numpy as np
 import torch
 
 from fleet_protocol import codec
-from stitch_lib.build import segment_payloads
+from stitch_lib.assemble import from_recipe, segment_payloads
 from stitch_lib.catalog import Catalog
 from stitch_lib.files import atomic_write
+from stitch_lib.inputs import InputSpec
 from stitch_lib.segments import Segment, split_model
-from stitch_lib.zoo import from_recipe
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +98,12 @@ class SegmentCache:
         return total, {int(p.stem) for p in d.glob("*.part") if int(p.stem) < total}
 
     def put_chunk(self, seg_id: str, index: int, data: bytes) -> None:
-        atomic_write(self._partial(seg_id) / f"{index}.part", data)
+        """Store one chunk, renamed into place but not fsynced: `assemble` checks the whole
+        artifact's hash, so a chunk torn by a power cut only costs a fresh download."""
+        path = self._partial(seg_id) / f"{index}.part"
+        tmp = path.with_name(f"{index}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
 
     def assemble(self, seg_id: str) -> None:
         """Join a complete download, verify it, and move it into the cache; a download that
@@ -130,6 +138,7 @@ class SegmentRegistry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._segments: dict[str, Segment] = {}
+        self._inputs: dict[str, InputSpec] = {}  # stems: the images the model takes
         # recipe → architecture instances, each with the segment slots already loaded
         self._skeletons: dict[str, list[tuple[list[Segment], set[int]]]] = {}
         self._flops: dict[tuple, int] = {}  # per architecture of an assembled model
@@ -143,8 +152,19 @@ class SegmentRegistry:
                 seg = self._load(meta, tensors)
                 if seg.segment_id() != seg_id:
                     raise codec.ArtifactError(f"artifact does not rebuild segment {seg_id[:12]}")
+                if "input" in meta:
+                    try:
+                        self._inputs[seg_id] = InputSpec.from_meta(meta["input"])
+                    except ValueError as exc:
+                        raise codec.ArtifactError(f"segment {seg_id[:12]}: {exc}") from None
                 self._segments[seg_id] = seg
             return self._segments[seg_id]
+
+    def input_spec(self, seg_id: str) -> InputSpec | None:
+        """The images a model starting with stem `seg_id` takes (None: not a stem, or an
+        artifact that does not say); the segment must have been `get` first."""
+        with self._lock:
+            return self._inputs.get(seg_id)
 
     def flops(self, key: tuple, count: Callable[[], int]) -> int:
         """FLOPs of an assembled model, counted once per architecture `key` per process."""

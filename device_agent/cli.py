@@ -11,7 +11,15 @@ from stitch_lib.catalog import Catalog
 
 from .agent import Agent, AgentConfig
 from .cache import SegmentCache, provision
+from .localapi import LocalAPI
 from .resources import PsutilResources
+
+
+def _tag(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
 
 
 def main(argv: list[str]) -> int:
@@ -28,6 +36,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--trust", type=Path, action="append", required=True,
                    help="the controller's public key (controller.pub from `restnet keys init`); "
                         "only desired states it signed are applied (repeatable)")
+    p.add_argument("--tag", type=_tag, action="append", default=[], metavar="KEY=VALUE",
+                   help="a label fleet.yaml groups match on, e.g. site=north (repeatable)")
+    p.add_argument("--serve-port", type=int, default=0, metavar="PORT",
+                   help="serve the local inference API on 127.0.0.1:PORT (0: off); see "
+                        "`restnet infer`")
+    p.add_argument("--serve-socket", type=Path, metavar="PATH",
+                   help="serve the local inference API on this Unix socket instead")
+    p.add_argument("--max-queue", type=int, default=16,
+                   help="inference requests that may wait for the model; more get 503")
     add_connection_args(p)
     args = p.parse_args(argv)
     setup_logging(args.verbose)
@@ -36,11 +53,30 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError) as exc:
         raise SystemExit(f"restnet agent: --trust: {exc}") from exc
     host = ClientHost()
-    agent = Agent(AgentConfig(args.device_id, args.cache, telemetry_period=args.telemetry_period,
-                              chunk_size=args.chunk_size, trust=trust, **login(args)),
-                  PsutilResources(args.device_class), host)
+    try:
+        agent = Agent(AgentConfig(args.device_id, args.cache,
+                                  telemetry_period=args.telemetry_period,
+                                  chunk_size=args.chunk_size, trust=trust, tags=dict(args.tag),
+                                  max_queue=args.max_queue, **login(args)),
+                      PsutilResources(args.device_class), host)
+    except ValueError as exc:
+        raise SystemExit(f"restnet agent: {exc}") from exc
+    api = None
+    if args.serve_port or args.serve_socket:
+        try:
+            api = LocalAPI(agent.serving, port=None if args.serve_socket else args.serve_port,
+                           path=args.serve_socket)
+        except OSError as exc:
+            raise SystemExit(f"restnet agent: cannot serve the local API: {exc} (pick another "
+                             "--serve-port, or check --serve-socket's directory)") from exc
+        api.start()
     agent.start(*parse_url(args.broker))
-    serve(host, agent.stop)
+
+    def stop() -> None:
+        if api is not None:
+            api.stop()
+        agent.stop()
+    serve(host, stop)
     return 0
 
 

@@ -10,7 +10,9 @@ import statistics
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +20,7 @@ from torch import nn
 
 from fleet_protocol import codec
 from fleet_protocol.messages import Desired, StitchDelta
+from stitch_lib.inputs import InputSpec
 from stitch_lib.segments import Port, Segment
 from stitch_lib.stitch import Stitch
 
@@ -29,6 +32,7 @@ class Loaded:
     module: nn.Module
     desired: Desired
     flops: int
+    input: InputSpec  # the images it takes (from its stem segment's artifact)
 
     @property
     def hybrid(self) -> str:
@@ -72,6 +76,10 @@ def verify(module: nn.Module, probe: torch.Tensor, num_classes: int | None = Non
         raise ValueError("model outputs are not finite")
 
 
+class NoModel(RuntimeError):
+    """The slot holds no model yet."""
+
+
 class ModelSlot:
     """The current and the previous model; swaps are atomic."""
 
@@ -99,34 +107,50 @@ class ModelSlot:
             return self.current
 
     @torch.no_grad()
-    def infer(self, x: torch.Tensor) -> tuple[torch.Tensor, Loaded]:
-        """Run the current model on `x`; the model is fixed when the call starts."""
+    def infer(self, x: Any, prepare: Callable[[Any, InputSpec], torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, Loaded]:
+        """Run the current model on `x` (made its input by `prepare`, if given); the model is
+        fixed when the call starts, so a swap during the call does not touch it."""
         loaded = self.get()
         if loaded is None:
-            raise RuntimeError("no model loaded yet")
+            raise NoModel("no model loaded yet")
+        if prepare is not None:
+            x = prepare(x, loaded.input)
         return loaded.module(x), loaded
 
 
 class LatencyWindow:
-    """The last latencies of the running model, for p50/p95 in telemetry."""
+    """The last latencies of the running model (served requests and probes), for p50/p95 in
+    telemetry and the health check. Thread-safe; samples of any model but the one it was
+    last `reset` to are ignored, so a request that began before a swap never counts for the
+    new model."""
 
     def __init__(self, size: int = 64) -> None:
+        self._lock = threading.Lock()
         self._values: deque[float] = deque(maxlen=size)
-        self.count = 0
+        self._owner: Loaded | None = None
+        self.count = 0  # samples taken, ever
 
-    def add(self, ms: float) -> None:
-        self._values.append(ms)
-        self.count += 1
+    def reset(self, owner: Loaded | None) -> None:
+        """Forget every sample: from now on only `owner`'s count."""
+        with self._lock:
+            self._values.clear()
+            self._owner = owner
 
-    def clear(self) -> None:
-        self._values.clear()
+    def add(self, ms: float, owner: Loaded | None) -> None:
+        with self._lock:
+            if owner is self._owner:
+                self._values.append(ms)
+                self.count += 1
 
     def percentile(self, q: float) -> float | None:
-        if not self._values:
+        with self._lock:
+            values = list(self._values)
+        if not values:
             return None
-        if len(self._values) == 1:
-            return self._values[0]
-        return statistics.quantiles(self._values, n=100, method="inclusive")[round(q) - 1]
+        if len(values) == 1:
+            return values[0]
+        return statistics.quantiles(values, n=100, method="inclusive")[round(q) - 1]
 
 
 def health_verdict(p95_ms: float | None, budget_ms: float | None, probe_acc: float | None,

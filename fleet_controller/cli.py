@@ -22,14 +22,20 @@ def main(argv: list[str]) -> int:
     p.add_argument("--keys", type=Path, default=Path(".restnet/keys"),
                    help="signing key directory (`restnet keys init`); rotations are picked up "
                         "while running")
+    p.add_argument("--retention-days", type=float, default=7.0,
+                   help="events and closed deployments older than this are pruned (each "
+                        "device's newest deployment stays)")
     add_connection_args(p)
     args = p.parse_args(argv)
+    if args.retention_days <= 0:
+        p.error("--retention-days must be > 0")
     setup_logging(args.verbose)
     from .service import Controller  # torch and the catalog load only when running
 
     host = ClientHost()
     try:
-        ctl = Controller(args.policy, args.state_dir, host, args.keys, **login(args))
+        ctl = Controller(args.policy, args.state_dir, host, args.keys,
+                         retention_s=args.retention_days * 86400, **login(args))
     except (PolicyError, FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"restnet controller: {exc}") from exc
     ctl.start(*parse_url(args.broker))
@@ -69,6 +75,10 @@ def broker_main(argv: list[str]) -> int:
     c.add_argument("--out", type=Path, required=True, help="directory to write into")
     c.add_argument("--devices", default="", help="device IDs, comma-separated")
     c.add_argument("--devices-file", type=Path, help="a file of device IDs, one per line")
+    c.add_argument("--operators", default="",
+                   help="extra logins with the controller's rights (monitors, tools), "
+                        "comma-separated; client IDs are usernames, so each connection that "
+                        "runs beside the controller needs its own")
     c.add_argument("--port", type=int, default=1883)
     c.add_argument("--bind", default="0.0.0.0")
     c.add_argument("--root", default=DEFAULT_ROOT, help="topic root")
@@ -83,20 +93,23 @@ def broker_main(argv: list[str]) -> int:
         except OSError as exc:
             p.error(f"--devices-file: {exc}")
         devices += [x.strip() for x in lines if x.strip() and not x.strip().startswith("#")]
+    operators = [o.strip() for o in args.operators.split(",") if o.strip()]
     tls_paths = [args.tls_ca, args.tls_cert, args.tls_key]
     if any(tls_paths) and not all(tls_paths):
         p.error("--tls-ca, --tls-cert and --tls-key go together: give all three or none")
     tls = TlsFiles(*(x.absolute() for x in tls_paths)) if all(tls_paths) else None
     try:
         creds = write_broker_config(args.out, devices, topics=Topics(args.root), port=args.port,
-                                    bind=args.bind, tls=tls, tls_port=args.tls_port)
+                                    bind=args.bind, tls=tls, tls_port=args.tls_port,
+                                    operators=operators)
     except ValueError as exc:
         p.error(str(exc))
     out = args.out.absolute()
     for name in ("mosquitto.conf", "passwd", "acl", "credentials.json"):
         print(f"wrote {out / name} (mode {(out / name).stat().st_mode & 0o777:o})")
-    print(f"{len(creds) - 1} device logins and {CONTROLLER!r} (passwords in credentials.json; "
-          f"keep it secret)\nlisteners: {args.bind}:{args.port}"
+    print(f"{len(creds)} logins: {CONTROLLER!r}, {len(set(operators))} operators, the rest "
+          f"devices (passwords in credentials.json; keep it secret)"
+          f"\nlisteners: {args.bind}:{args.port}"
           + (f", TLS {args.bind}:{args.tls_port}" if tls else "")
           + f"\nstart it:  mosquitto -c {out / 'mosquitto.conf'}"
           + ("\nnote: started as root, Mosquitto reads the TLS key as user 'mosquitto' "

@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 import threading
 
-from stitch_lib.build import load_anchor_model, load_hybrid
+from fleet_protocol.codec import pack_delta
+from stitch_lib.build import BuildConfig, load_anchor_model, load_hybrid
 from stitch_lib.catalog import Catalog, Entry
-from stitch_lib.cost import compressed_size, fp16_bytes
 from stitch_lib.data import DataSplits, make_splits
 from stitch_lib.segments import split_model
 from stitch_lib.train import TrainConfig, evaluate, finetune_stitch
@@ -19,8 +19,7 @@ log = logging.getLogger(__name__)
 class Finetuner:
     """Runs stitch-only fine-tuning for catalog entries, one at a time."""
 
-    def __init__(self, catalog: Catalog, cfg: TrainConfig = TrainConfig(epochs=2, lr=1e-3,
-                                                                         n_train=10000)) -> None:
+    def __init__(self, catalog: Catalog, cfg: TrainConfig = BuildConfig().ft) -> None:
         self.catalog, self.cfg = catalog, cfg
         self._lock = threading.Lock()
         self._splits: DataSplits | None = None
@@ -46,7 +45,7 @@ class Finetuner:
             res = finetune_stitch(hybrid, splits, self.cfg)
             tensors = dict(hybrid.stitch.state_dict())
             return {"artifact": self.catalog.put_artifact(tensors),
-                    "delta_bytes": compressed_size(fp16_bytes(tensors)),
+                    "delta_bytes": len(pack_delta({k: v.numpy() for k, v in tensors.items()})),
                     "val_acc": res.val_acc, "test_acc": evaluate(hybrid, splits.test),
                     "stitch_state": "finetuned"}
 

@@ -12,12 +12,21 @@ Rules, in order:
    unchecked when neither is known; the running model's own footprint counts as free for
    itself, since it already sits in the used memory); with `finetune_on_demand` off, only
    anchors and fine-tuned stitches.
-   Predicted p95 = catalog latency × speed × tail, where speed is the learned device/catalog
-   ratio (`learn_speed`, fed with p50s; `initial_speed` until learned) and tail the running
-   model's measured p95/p50 (1 until measured, clamped to [1, 10]).
+   Predicted p95 = predicted p50 × tail, the running model's measured p95/p50 (1 until
+   measured, clamped to [1, 10]). Predicted p50 (`predict_ms`) = Σ over the model's segments
+   of prior time × the device's learned factor for the segment's operator kind. The prior is
+   the class's nominal figure, FLOPs ÷ the device's reported GFLOPS (the segment's latency on
+   the catalog machine when the device reports none, or the whole model's for a catalog
+   without per-segment costs). The factors (`Speeds`) are learned from the p50s the device
+   reports for the model it runs (`learn_speed`): an overall factor shared by every kind plus
+   a correction per kind, by recursive least squares — so what a device shows on one model
+   carries over to models it has never run, per kind of operator, not as one scalar.
 3. Objective: max_accuracy (ties → fewer FLOPs), min_latency (predicted latency, ties → more
-   accurate), min_energy (FLOPs, ties → more accurate); then by ID, so plans are deterministic.
-4. Nothing feasible → the cheapest model by FLOPs, with the reason naming what it misses.
+   accurate), min_energy (predicted energy per inference: power × predicted time, ties → more
+   accurate); then by ID, so plans are deterministic. No message carries a device's power yet,
+   so it is `NOMINAL_POWER_W` for every device and min_energy orders by predicted time.
+4. Nothing feasible → the cheapest model by predicted time (ties → fewer FLOPs), with the
+   reason naming what it misses.
 5. Hysteresis: a feasible running model is kept while it has run less than `min_dwell_s`, or
    when the best gains less than `min_gain` (accuracy points for max_accuracy, relative cost
    for min_latency / min_energy: 0.1 = 10% cheaper). An infeasible running model (or one no
@@ -27,13 +36,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from fleet_controller.policy import ResolvedRule
 
-SPEED_MIN, SPEED_MAX = 0.01, 1000.0
+SPEED_MIN, SPEED_MAX = 0.01, 1000.0  # a kind's factor (device time / prior time) stays here
 TAIL_MAX = 10.0
 MB = 1 << 20
+NOMINAL_POWER_W = 1.0  # a device's active power, until a message carries it
+# the learner: prior standard deviations of the overall factor and of each kind's correction,
+# their drift per report (a device heats up, gets loaded), and the p50's relative noise
+PRIOR_SD, KIND_SD, DRIFT, KIND_DRIFT, NOISE = 1.0, 0.5, 0.1, 0.03, 0.05
+
+
+class Term(NamedTuple):
+    """What one segment of a model costs: its operator kind, FLOPs, catalog-machine latency."""
+
+    kind: str
+    flops: int
+    latency_ms: float
 
 
 @dataclass(frozen=True)
@@ -51,21 +72,51 @@ class Candidate:
     delta_bytes: int | None
     segments: tuple[str, ...]
     stitch_state: str | None
+    terms: tuple[Term, ...] = ()  # per segment; empty: the whole model is one "model" term
 
     @classmethod
     def from_entry(cls, e: Any) -> Candidate:
         """From a stitch_lib.catalog.Entry, or one entry dict of catalog.json (duck-typed)."""
         get: Callable[[str], Any] = e.get if isinstance(e, Mapping) else (
             lambda k: getattr(e, k, None))
+        terms = tuple(Term(str(t["kind"]), int(t["flops"]), float(t["latency_ms"]))
+                      for t in get("segment_costs") or ())
         return cls(id=get("id"), name=get("name"), kind=get("kind"),
                    accuracy=float(get("test_acc")), latency_ms=float(get("latency_ms")),
                    flops=int(get("flops")), model_bytes=int(get("model_bytes")),
                    act_peak_bytes=int(get("act_peak_bytes")), delta_bytes=get("delta_bytes"),
-                   segments=tuple(get("segments")), stitch_state=get("stitch_state"))
+                   segments=tuple(get("segments")), stitch_state=get("stitch_state"),
+                   terms=terms)
 
     @property
     def mem_bytes(self) -> int:
         return self.model_bytes + self.act_peak_bytes
+
+    @property
+    def cost_terms(self) -> tuple[Term, ...]:
+        return self.terms or (Term("model", self.flops, self.latency_ms),)
+
+
+@dataclass(frozen=True)
+class Speeds:
+    """What the planner has learned of one device's speed: device time over prior time, as
+    an overall factor plus a correction per operator kind seen (`mean[0]`, then one per
+    `kinds`), with their covariance. A kind never seen runs at the overall factor."""
+
+    kinds: tuple[str, ...] = ()
+    mean: tuple[float, ...] = (1.0,)
+    cov: tuple[tuple[float, ...], ...] = ((PRIOR_SD ** 2,),)
+    reports: int = 0
+
+    @classmethod
+    def from_doc(cls, d: Mapping[str, Any]) -> Speeds:
+        """From `dataclasses.asdict` output read back from JSON."""
+        return cls(tuple(d["kinds"]), tuple(d["mean"]), tuple(tuple(r) for r in d["cov"]),
+                   int(d["reports"]))
+
+    def factor(self, kind: str) -> float:
+        k = self.kinds.index(kind) + 1 if kind in self.kinds else 0
+        return _clamp(self.mean[0] + (self.mean[k] if k else 0.0), SPEED_MIN, SPEED_MAX)
 
 
 @dataclass
@@ -86,9 +137,18 @@ class Twin:
     lat_p95_ms: float | None = None
     running: str | None = None  # catalog ID running
     since: float = 0.0  # when it started
-    speed: float | None = None  # learned device latency / catalog latency
+    speed: Speeds | None = None  # learned from its reports (`learn_speed`)
+    last_seen: float = 0.0  # when its last birth or telemetry arrived
     cached: frozenset[str] = frozenset()  # segment IDs the device holds
     keys_seq: int = 0  # the newest key set the device accepted (see `restnet keys retire`)
+
+    def __post_init__(self) -> None:
+        # a twin read back from the store holds the asdict() form; an older store's scalar
+        # speed (device/catalog latency) has no per-kind meaning and is learned afresh
+        if isinstance(self.speed, Mapping):
+            self.speed = Speeds.from_doc(self.speed)
+        elif not isinstance(self.speed, Speeds):
+            self.speed = None
 
 
 @dataclass(frozen=True)
@@ -102,7 +162,7 @@ class Decision:
 
 def plan_inputs(twin: Twin) -> tuple:
     """What `plan` reads from a twin, quantised (battery and memory to 1%, temperature to
-    1 °C, learned speed and latencies to 2 significant digits). Equal inputs give an equal
+    1 °C, learned speeds and latencies to 2 significant digits). Equal inputs give an equal
     decision at the same time; only time (dwell) can change it, which the periodic
     reconcile covers — so telemetry with unchanged inputs need not be planned again."""
     def q(x: float | None) -> str:
@@ -112,30 +172,64 @@ def plan_inputs(twin: Twin) -> tuple:
         round(twin.mem_free_mb / twin.mem_mb, 2)
     return (twin.running, twin.online, None if twin.battery is None else round(twin.battery, 2),
             twin.charging, None if twin.temp_c is None else round(twin.temp_c), mem,
-            q(twin.speed), q(twin.lat_p50_ms), q(twin.lat_p95_ms), twin.device_class,
-            tuple(sorted(twin.tags.items())))
+            tuple(q(x) for x in twin.speed.mean) if twin.speed else (), q(twin.lat_p50_ms),
+            q(twin.lat_p95_ms), twin.device_class, tuple(sorted(twin.tags.items())))
+
+
+def silent(twin: Twin, now: float, timeout_s: float) -> bool:
+    """An online device that has sent nothing for longer than `timeout_s`: to be treated as
+    offline (no deployments) until it speaks again."""
+    return twin.online and now - twin.last_seen > timeout_s
 
 
 def _clamp(x: float, lo: float, hi: float) -> float:
     return min(max(x, lo), hi)
 
 
-def initial_speed(twin: Twin, reference_gflops: float = 100.0) -> float:
-    """First guess of device/catalog latency: the catalog machine's GFLOPS over the device's."""
-    if not twin.gflops or twin.gflops <= 0:
-        return 1.0
-    return _clamp(reference_gflops / twin.gflops, SPEED_MIN, SPEED_MAX)
+def prior_ms(twin: Twin, term: Term) -> float:
+    """A segment's time on this device before anything is learned: the class's nominal
+    figure (FLOPs ÷ reported GFLOPS), else the catalog machine's."""
+    return term.flops / (twin.gflops * 1e6) if twin.gflops else term.latency_ms
 
 
-def learn_speed(prev: float | None, reported_p50_ms: float, catalog_latency_ms: float,
-                alpha: float = 0.3) -> float:
-    """EMA of the measured/catalog latency ratio, clamped to [0.01, 1000]."""
-    if catalog_latency_ms <= 0 or reported_p50_ms < 0:
-        raise ValueError(f"latencies must be positive (reported {reported_p50_ms} ms, "
-                         f"catalog {catalog_latency_ms} ms)")
-    ratio = reported_p50_ms / catalog_latency_ms
-    value = ratio if prev is None else prev + alpha * (ratio - prev)
-    return _clamp(value, SPEED_MIN, SPEED_MAX)
+def _prior_by_kind(twin: Twin, c: Candidate) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for t in c.cost_terms:
+        out[t.kind] = out.get(t.kind, 0.0) + prior_ms(twin, t)
+    return out
+
+
+def predict_ms(twin: Twin, c: Candidate) -> float:
+    """Predicted p50 latency of `c` on this device (see the module docstring)."""
+    speeds = twin.speed or Speeds()
+    return sum(ms * speeds.factor(kind) for kind, ms in _prior_by_kind(twin, c).items())
+
+
+def learn_speed(twin: Twin, c: Candidate, reported_p50_ms: float) -> Speeds:
+    """`twin.speed` updated with a p50 the device reported while running `c`: one step of
+    recursive least squares on p50 = Σ_kind prior time × (overall + correction[kind]), in
+    units relative to the report, after letting the factors drift a little."""
+    by_kind = _prior_by_kind(twin, c)
+    if reported_p50_ms <= 0 or sum(by_kind.values()) <= 0:
+        raise ValueError(f"cannot learn from {c.name}: reported p50 {reported_p50_ms} ms, "
+                         f"prior {sum(by_kind.values())} ms; both must be positive")
+    s = twin.speed or Speeds()
+    kinds = s.kinds + tuple(k for k in sorted(by_kind) if k not in s.kinds)
+    n, old = len(kinds) + 1, len(s.mean)
+    mean = list(s.mean) + [0.0] * (n - old)
+    cov = [list(r) + [0.0] * (n - old) for r in s.cov] + [
+        [0.0] * n for _ in range(n - old)]
+    for k in range(n):
+        cov[k][k] += (DRIFT * PRIOR_SD) ** 2 if k == 0 else (
+            KIND_SD ** 2 if k >= old else (KIND_DRIFT * KIND_SD) ** 2)
+    h = [sum(by_kind.values())] + [by_kind.get(k, 0.0) for k in kinds]
+    h = [x / reported_p50_ms for x in h]  # the report is 1: the noise is relative
+    ph = [sum(cov[i][j] * h[j] for j in range(n)) for i in range(n)]
+    gain_den = sum(h[i] * ph[i] for i in range(n)) + NOISE ** 2
+    err = 1.0 - sum(h[i] * mean[i] for i in range(n))
+    mean = [mean[i] + ph[i] / gain_den * err for i in range(n)]
+    cov = [[cov[i][j] - ph[i] * ph[j] / gain_den for j in range(n)] for i in range(n)]
+    return Speeds(kinds, tuple(mean), tuple(tuple(r) for r in cov), s.reports + 1)
 
 
 @dataclass(frozen=True)
@@ -147,23 +241,29 @@ class _Situation:
     prefix: str  # reason prefix, e.g. "battery 0.12 < 0.15: "
     flops_cap: int | None  # hot: models must have fewer FLOPs than this
     cooling: bool  # hot, but the running model is new: it is exempt from the cap
-    factor: float  # speed × tail
+    p50: dict[str, float]  # predicted p50 per candidate ID
+    tail: float  # predicted p95 / p50
     running: Candidate | None
 
     def latency(self, c: Candidate) -> float:
-        return c.latency_ms * self.factor
+        """Predicted p95."""
+        return self.p50[c.id] * self.tail
+
+    def energy_mj(self, c: Candidate) -> float:
+        """Predicted energy per inference."""
+        return NOMINAL_POWER_W * self.p50[c.id]
 
     def key(self, c: Candidate) -> tuple[Any, ...]:
         obj = self.rule.objective
         if obj == "min_latency":
             return (self.latency(c), -c.accuracy, c.id)
         if obj == "min_energy":
-            return (c.flops, -c.accuracy, c.id)
+            return (self.energy_mj(c), -c.accuracy, c.id)
         return (-c.accuracy, c.flops, c.id)
 
 
 def _situation(twin: Twin, rule: ResolvedRule, candidates: Sequence[Candidate],
-               now: float) -> _Situation:
+               now: float, known_p95: Mapping[str, float] | None = None) -> _Situation:
     running = next((c for c in candidates if c.id == twin.running), None)
     modes, prefix, cap = [], "", None
     if twin.battery is not None and not twin.charging:
@@ -182,12 +282,15 @@ def _situation(twin: Twin, rule: ResolvedRule, candidates: Sequence[Candidate],
             cap = running.flops
         else:
             rule = replace(rule, objective="min_energy")
-    speed = twin.speed if twin.speed is not None else initial_speed(twin)
     tail = 1.0
     if twin.lat_p50_ms and twin.lat_p95_ms and running is not None:
         tail = _clamp(twin.lat_p95_ms / twin.lat_p50_ms, 1.0, TAIL_MAX)
     cooling = cap is not None and now - twin.since < rule.min_dwell_s
-    return _Situation(rule, "+".join(modes) or "normal", prefix, cap, cooling, speed * tail,
+    if known_p95 is not None:  # an oracle: the true p95s, no prediction, no tail
+        p50, tail = {c.id: known_p95[c.id] for c in candidates}, 1.0
+    else:
+        p50 = {c.id: predict_ms(twin, c) for c in candidates}
+    return _Situation(rule, "+".join(modes) or "normal", prefix, cap, cooling, p50, tail,
                       running)
 
 
@@ -213,17 +316,30 @@ def _violations(c: Candidate, twin: Twin, s: _Situation) -> list[str]:
 
 
 def explain(twin: Twin, candidates: Sequence[Candidate], rule: ResolvedRule,
-            now: float) -> dict[str, list[str]]:
-    """Why each candidate is infeasible for this twin at `now` (an empty list: feasible)."""
-    s = _situation(twin, rule, candidates, now)
+            now: float, known_p95: Mapping[str, float] | None = None) -> dict[str, list[str]]:
+    """Why each candidate is infeasible for this twin at `now` (an empty list: feasible);
+    `known_p95` as in `plan`."""
+    s = _situation(twin, rule, candidates, now, known_p95)
     return {c.id: _violations(c, twin, s) for c in candidates}
+
+
+def best_static(cases: Sequence[tuple[Twin, ResolvedRule, Mapping[str, float]]],
+                candidates: Sequence[Candidate]) -> Candidate | None:
+    """The best model never switched: the most accurate candidate feasible in every case
+    (a device's twin, its rule and the true p95 of every candidate on it); None if none is."""
+    ok = {c.id for c in candidates}
+    for twin, rule, known in cases:
+        why = explain(twin, candidates, rule, 0.0, known)
+        ok &= {cid for cid, v in why.items() if not v}
+    return max((c for c in candidates if c.id in ok), key=lambda c: (c.accuracy, -c.flops),
+               default=None)
 
 
 def _metric(s: _Situation, c: Candidate) -> str:
     if s.rule.objective == "min_latency":
         return f"{s.latency(c):.1f} ms"
     if s.rule.objective == "min_energy":
-        return f"{c.flops / 1e6:.1f} MFLOPs"
+        return f"{s.energy_mj(c):.2f} mJ"
     return f"acc {c.accuracy:.3f}"
 
 
@@ -231,17 +347,19 @@ def _gain(s: _Situation, old: Candidate, new: Candidate) -> float:
     if s.rule.objective == "max_accuracy":
         return new.accuracy - old.accuracy
     a, b = (s.latency(old), s.latency(new)) if s.rule.objective == "min_latency" \
-        else (old.flops, new.flops)
+        else (s.energy_mj(old), s.energy_mj(new))
     return (a - b) / a if a > 0 else 0.0
 
 
-def plan(twin: Twin, candidates: Sequence[Candidate], rule: ResolvedRule, now: float) -> Decision:
-    """Decide what `twin` should run (see the module docstring for the rules)."""
+def plan(twin: Twin, candidates: Sequence[Candidate], rule: ResolvedRule, now: float,
+         known_p95: Mapping[str, float] | None = None) -> Decision:
+    """Decide what `twin` should run (see the module docstring for the rules). `known_p95`
+    (candidate ID → p95 ms) replaces the predictions: an oracle that knows the true costs."""
     if not twin.online:
         return Decision(None, "offline: nothing to plan until it is back", mode="offline")
     if not candidates:
         return Decision(None, "the catalog is empty: nothing to deploy", mode="empty")
-    s = _situation(twin, rule, candidates, now)
+    s = _situation(twin, rule, candidates, now, known_p95)
     run, obj = s.running, s.rule.objective
     why = {c.id: _violations(c, twin, s) for c in candidates}
     feasible = [c for c in candidates if not why[c.id]]
@@ -253,11 +371,11 @@ def plan(twin: Twin, candidates: Sequence[Candidate], rule: ResolvedRule, now: f
         return Decision(c.id, s.prefix + text, s.latency(c), s.mode, s.rule)
 
     if not feasible:
-        low = min(candidates, key=lambda c: (c.flops, -c.accuracy, c.id))
+        low = min(candidates, key=lambda c: (s.p50[c.id], c.flops, -c.accuracy, c.id))
         text = f"no model meets every constraint (cheapest {low.name}: {'; '.join(why[low.id])})"
         if low is run:
             return keep(f"{text}; keep {low.name}, already the cheapest")
-        return go(low, f"{text} → cheapest {low.name} ({low.flops / 1e6:.1f} MFLOPs)")
+        return go(low, f"{text} → cheapest {low.name} ({s.p50[low.id]:.1f} ms)")
     best = min(feasible, key=s.key)
     if run is None:
         was = f"{twin.running} is not in the catalog" if twin.running else "nothing running"

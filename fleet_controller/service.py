@@ -17,24 +17,30 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from fleet_protocol.messages import (Ack, ArtifactRequest, ControllerState, Desired,
-                                     ProtocolError, Rebirth, State, Telemetry, decode, encode)
+from fleet_protocol.messages import (MAX_GENERATION, Ack, ArtifactRequest, ControllerState,
+                                     Desired, ProtocolError, Rebirth, State, Telemetry, decode,
+                                     encode)
 from fleet_protocol.mqtt import ClientHost, make_client
-from fleet_protocol.signing import KeyDir, keyset, seal
-from fleet_protocol.topics import Topics
+from fleet_protocol.signing import KeyDir, keyset, seal, unverified
+from fleet_protocol.topics import Topics, check_id
 from stitch_lib.catalog import Catalog, Entry
 
-from .artifacts import Artifacts
+from .artifacts import Artifacts, unknown_artifact
 from .finetune import Finetuner
-from .planner import Candidate, Twin, learn_speed, plan, plan_inputs
+from .planner import Candidate, Twin, learn_speed, plan, plan_inputs, silent
 from .policy import FleetPolicy, PolicyError, effective_rule, load_policy
+from .ratelog import SampledLog
 from .rollout import SENT, WaveState, next_wave
+from .serving import ArtifactServer, ServeLimits
 from .store import OPEN, Deployment, Store
 
 log = logging.getLogger(__name__)
 DEPLOY_TIMEOUT_S = 60.0  # an open deployment of an online device older than this is abandoned
 AVOID_S = 300.0  # a hybrid that failed on a device is not retried there for this long
 PROBE_SLACK = 0.15  # the probe-accuracy floor sent to devices: a few probes are noisy
+RETENTION_S = 7 * 86400.0  # events and closed deployments older than this are pruned
+PRUNE_EVERY_S = 60.0
+MAX_REACTIONS = 100_000  # reaction times kept (the newest half stays when it is reached)
 
 
 @dataclass
@@ -52,15 +58,20 @@ class Controller:
 
     def __init__(self, policy_path: Path, state_dir: Path, host: ClientHost, keys: Path,
                  topics: Topics = Topics(), clock=time.time, username: str | None = None,
-                 password: str | None = None, tls_ca: Path | None = None) -> None:
+                 password: str | None = None, tls_ca: Path | None = None,
+                 retention_s: float = RETENTION_S,
+                 serve_limits: ServeLimits = ServeLimits()) -> None:
         self.policy_path, self.host, self.t, self.clock = Path(policy_path), host, topics, clock
+        self.retention_s = retention_s
         self.keydir = KeyDir(keys)
         self.signing, self.retiring = self.keydir.load()  # every desired state is signed
+        self.keys_seq = self.keydir.seq()
         self._keys_stamp = self.keydir.stamp()
         self.policy = load_policy(self.policy_path)
         self._policy_mtime = self.policy_path.stat().st_mtime
         self.catalog = Catalog.load(self.policy.catalog)
         self.artifacts = Artifacts(self.catalog)
+        self.serving = ArtifactServer(self.artifacts, self._publish_chunk, serve_limits)
         self.finetuner = Finetuner(self.catalog)
         self.store = Store(Path(state_dir) / "controller.sqlite")
         self.session = time.time_ns()
@@ -73,6 +84,12 @@ class Controller:
         self.triggers: dict[str, float] = {}  # deployment → time of the telemetry that caused it
         self.running_artifact = self.store.running_artifacts()  # device → artifact it runs
         self.finetune_queue: set[str] = set()
+        self.finetune_started: set[str] = set()  # entries queued or tuned: each once
+        self.badlog = SampledLog(log)  # bad input: counted always, logged sampled
+        self.needs: dict[str, frozenset[str]] = {}  # device → segments its desired state needs
+        for device, payload in self.store.desired().items():
+            d = unverified(Desired, payload)[1]
+            self.needs[device] = frozenset(d.front + d.back)
         self.stopped = False
         # a policy change rolls out in waves: devices not yet released keep the old policy
         self.old_policy: FleetPolicy | None = None
@@ -87,12 +104,13 @@ class Controller:
         for d in self.store.deployments():  # failures stay avoided across a restart
             if d.status in ("FAILED", "ROLLED_BACK") and d.updated + AVOID_S > self.clock():
                 self.avoid[d.device_id][d.hybrid] = d.updated + AVOID_S
-        self._rules: dict[tuple, object] = {}  # effective rules, per policy and device
+        self._rules: dict[str, tuple] = {}  # device → (what its rule depends on, the rule)
         self._planned: dict[str, tuple] = {}  # device → plan inputs last planned on
         for device_id, doc in self.store.twins().items():
             doc["cached"] = frozenset(doc.get("cached", ()))
             self.twins[device_id] = Twin(**doc)
         self.client: mqtt.Client | None = None
+        self._chunk_mids: dict[int, int] = {}  # chunks published, not yet acked: mid → bytes
         self.login = {"username": username, "password": password, "tls_ca": tls_ca}
         self.scheduler = BackgroundScheduler(job_defaults={
             "misfire_grace_time": None, "coalesce": True, "max_instances": 1})
@@ -108,6 +126,8 @@ class Controller:
                                   **self.login)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
+        self.client.on_disconnect = lambda *_: self.serving.reset_window()
         self.host.add(self.client, broker_host, port)
         self.scheduler.add_job(lambda: self.host.submit(self._reconcile_all), "interval",
                                seconds=self.policy.reconcile_interval_s, id="reconcile",
@@ -120,11 +140,15 @@ class Controller:
                                replace_existing=True)
         self.scheduler.add_job(lambda: self.host.submit(self._advance_rollout), "interval",
                                seconds=1, id="rollout", replace_existing=True)
+        self.scheduler.add_job(lambda: self.host.submit(self._prune), "interval",
+                               seconds=PRUNE_EVERY_S, id="prune", replace_existing=True)
         self.scheduler.start()
+        self.serving.start()
 
     def stop(self) -> None:
         self.stopped = True  # calls the scheduler already handed to the host do nothing
         self.scheduler.shutdown(wait=False)
+        self.serving.stop()
         if self.client is not None:
             self.client.on_message = None  # nothing more is handled once the store closes
             self.client.publish(self.t.ctl_state, encode(ControllerState(
@@ -136,6 +160,8 @@ class Controller:
         if reason_code.is_failure:
             log.warning("controller: connect refused: %s", reason_code)
             return
+        self.serving.reset_window()
+        self._chunk_mids.clear()
         client.subscribe([(self.t.all_state, 1), (self.t.all_telemetry, 0),
                           (self.t.all_ack, 1), (self.t.all_art_req, 1)])
         client.publish(self.t.ctl_state, encode(ControllerState(
@@ -148,12 +174,18 @@ class Controller:
         client.publish(self.t.rebirth, encode(Rebirth(ts=self.clock())), qos=1)
 
     def _on_message(self, client, userdata, msg) -> None:
+        """Every message in: bad input (ProtocolError) is counted and logged sampled, per
+        device; anything else that goes wrong is an internal error, logged with its traceback."""
         parsed = self.t.parse(msg.topic)
+        now = self.clock()
         try:
             if parsed is None:
                 raise ProtocolError(f"unexpected topic {msg.topic}")
             kind, device = parsed
-            now = self.clock()
+            try:
+                check_id(device)
+            except ValueError as exc:
+                raise ProtocolError(str(exc)) from None
             if kind == "telemetry":
                 self._on_telemetry(device, decode(Telemetry, msg.payload), now)
             elif kind == "state":
@@ -162,14 +194,21 @@ class Controller:
             elif kind == "ack":
                 self._on_ack(device, decode(Ack, msg.payload), now)
             elif kind == "art_req":
-                self._on_art_req(device, decode(ArtifactRequest, msg.payload))
+                self._on_art_req(device, decode(ArtifactRequest, msg.payload), msg.retain)
             self.stats[f"in_{kind}"] += 1
-        except (ProtocolError, ValueError) as exc:
+        except ProtocolError as exc:
             self.stats["dropped"] += 1
-            log.warning("controller: dropped message on %s: %s", msg.topic, exc)
+            source = parsed[1] if parsed else ""
+            self.badlog.warning(source, now, "controller: dropped message on %s: %s", msg.topic,
+                                exc)
         except Exception:
             self.stats["errors"] += 1
             log.exception("controller: error handling %s", msg.topic)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        nbytes = self._chunk_mids.pop(mid, None)
+        if nbytes is not None:
+            self.serving.acked(nbytes)
 
     # --- what devices tell us -----------------------------------------------------------
     def _twin(self, device: str) -> Twin:
@@ -191,6 +230,7 @@ class Controller:
         twin = self._twin(device)
         twin.online = s.online
         if s.online:
+            twin.last_seen = now
             if s.capabilities is not None:
                 twin.device_class = s.capabilities.device_class
                 twin.mem_mb, twin.gflops = s.capabilities.mem_mb, s.capabilities.gflops
@@ -213,12 +253,12 @@ class Controller:
 
     def _on_telemetry(self, device: str, m: Telemetry, now: float) -> None:
         twin = self._twin(device)
-        twin.online = True
+        twin.online, twin.last_seen = True, now
         twin.battery, twin.charging, twin.temp_c = m.battery, m.charging, m.temp_c
         twin.mem_free_mb, twin.lat_p50_ms, twin.lat_p95_ms = m.mem_free_mb, m.lat_p50_ms, m.lat_p95_ms
         entry = self.entries.get(m.hybrid or "")
         if entry is not None and m.lat_p50_ms:
-            twin.speed = learn_speed(twin.speed, m.lat_p50_ms, entry.latency_ms)
+            twin.speed = learn_speed(twin, Candidate.from_entry(entry), m.lat_p50_ms)
         self._reconcile(device, now, trigger=m.ts)
 
     def _on_ack(self, device: str, a: Ack, now: float) -> None:
@@ -229,13 +269,14 @@ class Controller:
             known = any(d.id == a.deployment_id for d in self.store.deployments(device))
             self.stats["late_ack" if known else "unknown_ack"] += 1
             return
+        trigger = self.triggers.get(dep.id)
         self._settle(dep, a.status, now, a.reason or "")
         twin = self._twin(device)
         if a.status == "HEALTHY":
             twin.running, twin.since = dep.hybrid, now
             self.metrics.adaptations += 1
-            if dep.id in self.triggers:
-                self.metrics.reactions_ms.append((now - self.triggers.pop(dep.id)) * 1e3)
+            if trigger is not None:
+                self.metrics.reactions_ms.append((now - trigger) * 1e3)
             self._save_twin(twin)
         elif a.status in ("FAILED", "ROLLED_BACK"):
             self.metrics.failures += a.status == "FAILED"
@@ -250,33 +291,61 @@ class Controller:
             self.running_artifact[dep.device_id] = dep.artifact
         if not dep.open:
             self.open.pop(dep.device_id, None)
+            self.triggers.pop(dep.id, None)
 
     def _rule(self, policy: FleetPolicy, device: str, twin: Twin):
-        key = (id(policy), device, twin.device_class, tuple(sorted(twin.tags.items())))
-        if key not in self._rules:
-            self._rules[key] = effective_rule(policy, device, twin.device_class, twin.tags)
-        return self._rules[key]
+        key = (id(policy), twin.device_class, tuple(sorted(twin.tags.items())))
+        cached = self._rules.get(device)
+        if cached is None or cached[0] != key:
+            cached = self._rules[device] = (key, effective_rule(policy, device, twin.device_class,
+                                                                twin.tags))
+        return cached[1]
 
-    def _on_art_req(self, device: str, r: ArtifactRequest) -> None:
-        first = self.artifacts.chunk(r.artifact, 0, r.chunk_size)
-        wanted = (sorted(set(r.chunks)) if r.chunks is not None and not first.error
-                  else range(first.total))  # each chunk once, however often it is asked for
-        bad = [k for k in wanted if not 0 <= k < first.total]
-        if bad:
-            raise ProtocolError(f"chunks {bad[:5]} out of range for {r.artifact[:12]}")
-        for index in wanted:
-            c = first if index == 0 else self.artifacts.chunk(r.artifact, index, r.chunk_size)
-            payload = encode(c)
+    def _on_art_req(self, device: str, r: ArtifactRequest, retained: bool) -> None:
+        """Queue a request for the artifact server: not a retained one (it would be served
+        again after every restart), only for a segment the device's desired state needs, and
+        within the device's limits (`ServeLimits`)."""
+        if retained:
+            self.stats["art_retained_ignored"] += 1
+            return
+        outcome = self.serving.submit(device, r, needed=r.artifact in self.needs.get(device, ()))
+        self.stats[f"art_{outcome}"] += 1
+        if outcome == "not_needed":
+            self.client.publish(self.t.art_data(device), encode(unknown_artifact(
+                r.artifact, "not needed by your desired state")), qos=1)
+
+    def _publish_chunk(self, device: str, payload: bytes, nbytes: int) -> None:
+        """From the artifact server's thread: publish one chunk in the MQTT thread."""
+        def send() -> None:
+            if self.client is None or self.stopped:
+                return
+            info = self.client.publish(self.t.art_data(device), payload, qos=1)
             self.metrics.chunk_bytes += len(payload)
-            self.client.publish(self.t.art_data(device), payload, qos=1)
+            if nbytes:
+                self._chunk_mids[info.mid] = nbytes
+        self.host.submit(send)
 
     # --- deciding and deploying ---------------------------------------------------------
     def _reconcile_all(self) -> None:
+        """Reconcile every device; one device's failure is logged and the others go on."""
         if self.stopped:
             return
         now = self.clock()
-        for device, twin in list(self.twins.items()):
+        for device in list(self.twins):
+            twin = self.twins[device]
+            if silent(twin, now, self.policy.telemetry_timeout_s):  # offline: no deployments
+                twin.online = False
+                self.store.event(now, device, "offline", f"silent for {now - twin.last_seen:.0f} s "
+                                 f"> telemetry_timeout_s {self.policy.telemetry_timeout_s:g}")
+                self._save_twin(twin)
+            self._reconcile_guarded(device, now)
+
+    def _reconcile_guarded(self, device: str, now: float) -> None:
+        try:
             self._reconcile(device, now)
+        except Exception:
+            self.stats["errors"] += 1
+            log.exception("controller: reconciling %s failed; the other devices go on", device)
 
     def _reconcile(self, device: str, now: float, trigger: float | None = None) -> None:
         twin = self._twin(device)
@@ -297,7 +366,7 @@ class Controller:
         if self.rollout is not None and device not in self.released:
             policy = self.old_policy  # not in a wave yet: the old policy still applies
         rule = self._rule(policy, device, twin)
-        avoid = {h for h, until in self.avoid[device].items() if until > now}
+        avoid = {h for h, until in self.avoid.get(device, {}).items() if until > now}
         decision = plan(twin, [c for c in self.candidates if c.id not in avoid], rule, now)
         if decision.target is None:
             running = self.entries.get(twin.running or "")
@@ -314,6 +383,12 @@ class Controller:
         # newer than anything stored AND than what the device applied (the store may be new)
         generation = max(self.store.last_generation(device),
                          self.device_generation.get(device, 0)) + 1
+        if generation > MAX_GENERATION:  # only a device claiming an absurd generation gets here
+            self.stats["generation_exhausted"] += 1
+            self.badlog.warning(device, now, "controller: %s reports generation %d; no "
+                                "deployment can be newer (max %d)", device, generation - 1,
+                                MAX_GENERATION)
+            return
         front, back = self.artifacts.split(entry)
         budget = rule.latency_p95_ms if math.isfinite(rule.latency_p95_ms) else None
         desired = Desired(
@@ -329,20 +404,45 @@ class Controller:
         self.store.add_deployment(dep)
         self.open[device] = dep
         self.store.put_desired(device, payload)
+        self.needs[device] = frozenset(front + back)
         self.client.publish(self.t.desired(device), payload, qos=1, retain=True)
         self.metrics.desired_bytes += len(payload)
         self.metrics.whole_model_bytes += entry.model_bytes
         if trigger is not None:
             self.triggers[desired.deployment_id] = trigger
-        if entry.stitch_state == "ls" and rule.finetune_on_demand:
+        if (entry.stitch_state == "ls" and rule.finetune_on_demand
+                and entry.id not in self.finetune_started):
+            self.finetune_started.add(entry.id)  # once per entry, however often it is deployed
             self.finetune_queue.add(entry.id)
         log.info("deploy %s → %s (gen %d): %s", device, entry.name, generation, reason)
+
+    def _prune(self) -> None:
+        """Forget what is past the retention: expired avoidances, old events and closed
+        deployments (each device's newest stays), reaction times beyond MAX_REACTIONS."""
+        if self.stopped:
+            return
+        now = self.clock()
+        for device in list(self.avoid):
+            live = {h: until for h, until in self.avoid[device].items() if until > now}
+            if live:
+                self.avoid[device] = live
+            else:
+                del self.avoid[device]
+        open_ids = {d.id for d in self.open.values()}
+        for dep_id in [k for k in self.triggers if k not in open_ids]:
+            del self.triggers[dep_id]  # its deployment closed without a HEALTHY ack
+        if len(self.metrics.reactions_ms) > MAX_REACTIONS:
+            del self.metrics.reactions_ms[:-MAX_REACTIONS // 2]
+        events, deployments = self.store.prune(now - self.retention_s)
+        if events or deployments:
+            log.info("pruned %d events and %d closed deployments older than %.0f s", events,
+                     deployments, self.retention_s)
 
     def _publish_keys(self) -> None:
         """Announce the trusted keys (retained), signed by each of them: a device that trusts
         only a key being rotated out learns the new one from this."""
         held = [self.signing, *self.retiring]
-        ks = keyset(held, seq=int(self.clock() * 1000), ts=self.clock())
+        ks = keyset(held, seq=self.keys_seq, ts=self.clock())
         self.client.publish(self.t.ctl_keys, seal(ks, held), qos=1, retain=True)
         ids, last = sorted(k.id for k in held), self.store.meta("keys")
         if last is None or last["ids"] != ids:  # devices report keys_seq ≥ since: they have it
@@ -356,13 +456,14 @@ class Controller:
             if stamp == self._keys_stamp:
                 return
             signing, retiring = self.keydir.load()
+            seq = self.keydir.seq()
         except (OSError, ValueError) as exc:
             log.error("keys not reloaded, the old ones stay in force: %s", exc)
             return
         self._keys_stamp = stamp
 
         def switch() -> None:
-            self.signing, self.retiring = signing, retiring
+            self.signing, self.retiring, self.keys_seq = signing, retiring, seq
             self._publish_keys()
             log.info("signing with key %s; also announcing %s", signing.id,
                      [k.id for k in retiring])
@@ -433,7 +534,7 @@ class Controller:
             self._save_rollout()
             self.store.event(now, None, "rollout", self.rollout_note)
             for d in batch:
-                self._reconcile(d, now)
+                self._reconcile_guarded(d, now)
         elif self.rollout_note == "done":
             self.rollout = self.old_policy = None
             self._save_rollout()

@@ -136,6 +136,22 @@ class Store:
         row = self._run("SELECT MAX(generation) FROM deployments WHERE device_id=?", (device_id,))
         return row[0][0] or 0
 
+    def prune(self, before: float) -> tuple[int, int]:
+        """Delete events older than `before`, and closed deployments last updated before it
+        except each device's newest (its generation) and newest healthy one (the artifact it
+        runs). Returns (events, deployments) deleted."""
+        keep = ("SELECT id FROM deployments d WHERE generation = (SELECT MAX(generation) FROM "
+                "deployments e WHERE e.device_id = d.device_id) UNION SELECT id FROM "
+                "deployments d WHERE status = 'HEALTHY' AND created = (SELECT MAX(created) "
+                "FROM deployments e WHERE e.device_id = d.device_id AND status = 'HEALTHY')")
+        with self._lock:
+            events = self._db.execute("DELETE FROM events WHERE ts < ?", (before,)).rowcount
+            deps = self._db.execute(
+                f"DELETE FROM deployments WHERE updated < ? AND status NOT IN "
+                f"({','.join('?' * len(OPEN))}) AND id NOT IN ({keep})",
+                (before, *OPEN)).rowcount
+        return events, deps
+
     def event(self, ts: float, device_id: str | None, kind: str, detail: str) -> None:
         self._run("INSERT INTO events VALUES (?,?,?,?)", (ts, device_id, kind, detail))
 

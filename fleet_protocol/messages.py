@@ -3,6 +3,10 @@
 Each carries a schema version `v` and a `kind` tag. Unknown fields are ignored, so an older
 agent reads a newer controller's messages (and the other way round). `decode` turns bytes
 into a message or raises `ProtocolError` with a short reason that callers count and log.
+
+Every integer, string, list and float on the wire is bounded (docs/protocol.md §2.7): a value
+a sender may choose must fit what a receiver stores (SQLite's int64) with room to grow, and no
+field can make a receiver allocate more than the message itself.
 """
 from __future__ import annotations
 
@@ -12,11 +16,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 256 * 1024  # larger payloads are refused before parsing
+MAX_GENERATION = 2**53  # fits SQLite's int64 (and a JSON double) with room for 2**10 times more
+MAX_COUNTER = 2**63 - 1  # sessions (Unix ns), sequence numbers: int64
+MAX_CHUNKS = 2**20  # chunks of one artifact: 1 TiB at the largest chunk size
+MAX_ARTIFACT_BYTES = 2**40
+MAX_CHUNK_SIZE = 128 * 1024
 
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^+#/\x00]+$")]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 SegmentId = Sha256  # a segment's ID is the sha256 of its architecture and weights
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+Name = Annotated[str, Field(max_length=128)]  # catalog IDs, device classes, names
+Text = Annotated[str, Field(max_length=1024)]  # reasons: free text for people
+Generation = Annotated[int, Field(ge=0, le=MAX_GENERATION)]
+Counter = Annotated[int, Field(ge=0, le=MAX_COUNTER)]
+Megabytes = Annotated[float, Field(ge=0, le=2**40)]
+Millis = Annotated[float, Field(ge=0, le=1e9)]
 
 
 class ProtocolError(ValueError):
@@ -24,18 +39,19 @@ class ProtocolError(ValueError):
 
 
 class Wire(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-    v: int = SCHEMA_VERSION
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+    v: int = Field(SCHEMA_VERSION, ge=0, le=2**31)
 
 
 class Capabilities(Wire):
     """What a device is, sent once in its birth."""
 
-    device_class: str
-    mem_mb: float = Field(gt=0)
-    gflops: float = Field(gt=0)  # nominal compute speed, for the planner's first guess
+    device_class: Name
+    mem_mb: float = Field(gt=0, le=2**40)
+    gflops: float = Field(gt=0, le=2**40)  # nominal compute speed, for the planner's first guess
     battery_powered: bool = True
-    tags: dict[str, str] = {}  # operator labels, matched by fleet.yaml groups
+    # operator labels, matched by fleet.yaml groups
+    tags: dict[Name, Text] = Field({}, max_length=64)
 
 
 class State(Wire):
@@ -44,38 +60,44 @@ class State(Wire):
     kind: Literal["state"] = "state"
     device_id: Id
     online: bool
-    session: int = Field(ge=0)  # grows with every agent start; an older death is ignored
+    session: Counter  # grows with every agent start; an older death is ignored
     ts: float
     capabilities: Capabilities | None = None
     segments: list[SegmentId] = Field([], max_length=4096)  # cached segment IDs
-    hybrid: str | None = None  # catalog ID of the running model
-    generation: int = Field(0, ge=0)  # last desired generation applied
-    keys_seq: int = Field(0, ge=0)  # the newest signed key set the device accepted
+    hybrid: Name | None = None  # catalog ID of the running model
+    generation: Generation = 0  # last desired generation applied
+    keys_seq: Counter = 0  # the newest signed key set the device accepted
 
 
 class Telemetry(Wire):
     kind: Literal["telemetry"] = "telemetry"
-    seq: int = Field(ge=0)
+    seq: Counter
     ts: float
     cpu: Fraction
-    mem_free_mb: float = Field(ge=0)
+    mem_free_mb: Megabytes
     battery: Fraction | None = None  # None on mains power
     charging: bool = False
-    temp_c: float
-    lat_p50_ms: float | None = Field(None, ge=0)  # measured on the running model
-    lat_p95_ms: float | None = Field(None, ge=0)
-    inferences: int = Field(0, ge=0)  # latency samples taken since the previous telemetry
-    hybrid: str | None = None
-    generation: int = Field(0, ge=0)
+    temp_c: float = Field(ge=-273.15, le=1000.0)
+    lat_p50_ms: Millis | None = None  # measured on the running model
+    lat_p95_ms: Millis | None = None
+    inferences: Counter = 0  # latency samples (requests and probes) since the previous telemetry
+    # application requests since the previous telemetry: served, failed for the device's
+    # reasons (no model, queue full, model error), per second; and those waiting right now
+    requests: Counter = 0
+    req_errors: Counter = 0
+    req_rate: float = Field(0.0, ge=0, le=1e9)
+    queue_depth: Counter = 0
+    hybrid: Name | None = None
+    generation: Generation = 0
 
 
 class PortSpec(Wire):
     """The form of an activation at a stitch's input or output (see stitch_lib.segments)."""
 
     form: Literal["map", "tokens"]
-    channels: int = Field(gt=0)
-    grid: tuple[int, int]
-    num_prefix: int = Field(0, ge=0)
+    channels: int = Field(gt=0, le=2**16)
+    grid: tuple[Annotated[int, Field(ge=1, le=2**16)], Annotated[int, Field(ge=1, le=2**16)]]
+    num_prefix: int = Field(0, ge=0, le=2**10)
 
 
 class StitchDelta(Wire):
@@ -84,9 +106,9 @@ class StitchDelta(Wire):
     src: PortSpec
     dst: PortSpec
     encoding: Literal["safetensors+zlib"] = "safetensors+zlib"
-    size: int = Field(gt=0)  # compressed bytes
+    size: int = Field(gt=0, le=MAX_MESSAGE_BYTES)  # compressed bytes
     sha256: Sha256  # of the compressed bytes
-    data: str  # base64 of the compressed bytes
+    data: str = Field(max_length=MAX_MESSAGE_BYTES)  # base64 of the compressed bytes
 
 
 class Desired(Wire):
@@ -95,19 +117,19 @@ class Desired(Wire):
 
     kind: Literal["desired"] = "desired"
     device_id: Id  # signed with the rest: a desired state cannot be replayed to another device
-    generation: int = Field(ge=1)
+    generation: int = Field(ge=1, le=MAX_GENERATION)
     deployment_id: Id
-    hybrid: str  # catalog ID
-    name: str = ""
+    hybrid: Name  # catalog ID
+    name: Name = ""
     # the segments run before the stitch (all of them, for an anchor)
     front: list[SegmentId] = Field(min_length=1, max_length=256)
     back: list[SegmentId] = Field([], max_length=256)  # run after the stitch
     stitch: StitchDelta | None = None  # None for an anchor
-    expected_latency_ms: float | None = None  # the planner's prediction for this device
-    latency_budget_ms: float | None = None  # health check: p95 must stay within
+    expected_latency_ms: Millis | None = None  # the planner's prediction for this device
+    latency_budget_ms: Millis | None = None  # health check: p95 must stay within
     min_accuracy: Fraction | None = None  # health check on the device's labelled probes
     ts: float
-    reason: str = ""
+    reason: Text = ""
 
 
 AckStatus = Literal["RECEIVED", "FETCHING", "VERIFIED", "SWAPPED", "HEALTHY", "FAILED",
@@ -119,13 +141,13 @@ class Ack(Wire):
     kind: Literal["ack"] = "ack"
     device_id: Id
     deployment_id: Id
-    generation: int = Field(ge=1)
+    generation: int = Field(ge=1, le=MAX_GENERATION)
     status: AckStatus
     ts: float
-    reason: str | None = None
-    done: int | None = None  # FETCHING: n of the deployment's N segments are in the cache
-    total: int | None = None
-    swap_ms: float | None = None
+    reason: Text | None = None
+    done: int | None = Field(None, ge=0, le=512)  # FETCHING: n of N segments are in the cache
+    total: int | None = Field(None, ge=0, le=512)  # (a Desired has at most 2 x 256 segments)
+    swap_ms: Millis | None = None
 
 
 class ArtifactRequest(Wire):
@@ -133,26 +155,28 @@ class ArtifactRequest(Wire):
 
     kind: Literal["art_req"] = "art_req"
     artifact: SegmentId
-    chunks: list[int] | None = None  # None: all of them (each is sent once however listed)
-    chunk_size: int = Field(64 * 1024, ge=1024, le=128 * 1024)
+    # None: all of them (each is sent once however listed)
+    chunks: list[Annotated[int, Field(ge=0, lt=MAX_CHUNKS)]] | None = Field(
+        None, max_length=MAX_CHUNKS)
+    chunk_size: int = Field(64 * 1024, ge=1024, le=MAX_CHUNK_SIZE)
 
 
 class ArtifactChunk(Wire):
     kind: Literal["art_data"] = "art_data"
     artifact: SegmentId
-    index: int = Field(ge=0)
-    total: int = Field(ge=1)
-    size: int = Field(ge=1)  # bytes of the whole artifact
+    index: int = Field(ge=0, lt=MAX_CHUNKS)
+    total: int = Field(ge=1, le=MAX_CHUNKS)
+    size: int = Field(ge=1, le=MAX_ARTIFACT_BYTES)  # bytes of the whole artifact
     artifact_sha256: Sha256  # of the whole artifact
     sha256: Sha256  # of this chunk
-    data: str = ""  # base64; empty with `error`
-    error: str | None = None  # e.g. "unknown artifact"
+    data: str = Field("", max_length=MAX_MESSAGE_BYTES)  # base64; empty with `error`
+    error: Text | None = None  # e.g. "unknown artifact"
 
 
 class ControllerState(Wire):
     kind: Literal["ctl_state"] = "ctl_state"
     online: bool
-    session: int = Field(ge=0)
+    session: Counter
     ts: float
 
 

@@ -15,6 +15,7 @@ import random
 import selectors
 import signal
 import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -31,6 +32,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_PORT = 1883
 URL_FORM = "mqtt://host[:port]"
 MISC_PERIOD = 1.0  # seconds between loop_misc() passes (keepalive pings)
+# packets read from one socket per readiness event: paho's loop_read() reads ONE packet, so a
+# client that floods a shared connection would otherwise stay ahead of everything behind it
+READ_BURST = 256
 
 
 def parse_url(url: str) -> tuple[str, int]:
@@ -256,7 +260,10 @@ class ClientHost:
         if client.socket() is not sock:
             return  # stale event: closed or replaced earlier in this pass
         if mask & selectors.EVENT_READ:
-            self._guard(f"loop_read of {client}", client.loop_read)
+            for _ in range(READ_BURST):
+                self._guard(f"loop_read of {client}", client.loop_read)
+                if client.socket() is not sock or not _readable(sock):
+                    break
         if mask & selectors.EVENT_WRITE and client.socket() is sock:
             self._guard(f"loop_write of {client}", client.loop_write)
         self._check(client)
@@ -354,6 +361,18 @@ class ClientHost:
             self._sel.unregister(sock)
         except (KeyError, ValueError):
             pass  # never registered, or already gone
+
+
+def _readable(sock: object) -> bool:
+    """Whether bytes wait on `sock` (decrypted ones, for TLS) without blocking."""
+    if isinstance(sock, ssl.SSLSocket):
+        return sock.pending() > 0
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True  # let loop_read meet the error and report it
 
 
 def add_connection_args(p: argparse.ArgumentParser) -> None:

@@ -18,6 +18,7 @@ import base64
 import binascii
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -27,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import Field
 
 from .files import write_file
-from .messages import MAX_MESSAGE_BYTES, M, ProtocolError, Wire, decode, encode
+from .messages import MAX_COUNTER, MAX_MESSAGE_BYTES, M, ProtocolError, Wire, decode, encode
 
 KeyId = Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
 
@@ -60,7 +61,7 @@ class KeySet(Wire):
     """The keys devices should trust from now on; accepted only if `seq` is newer."""
 
     kind: Literal["keyset"] = "keyset"
-    seq: int = Field(ge=1)
+    seq: int = Field(ge=1, le=MAX_COUNTER)
     keys: list[PublicKey] = Field(min_length=1, max_length=8)
     ts: float
 
@@ -207,7 +208,8 @@ class Keyring:
 
 class KeyDir:
     """The controller's key directory: `controller.key` signs; `previous/*.key` are keys being
-    rotated out, still announced as trusted (and signing key sets) until retired."""
+    rotated out, still announced as trusted (and signing key sets) until retired; `keyset.seq`
+    numbers the key set they make (one more at every init, rotate and retire)."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -216,13 +218,45 @@ class KeyDir:
     def current_path(self) -> Path:
         return self.root / "controller.key"
 
+    @property
+    def seq_path(self) -> Path:
+        return self.root / "keyset.seq"
+
     def init(self) -> SigningKey:
         if self.current_path.exists():
             raise FileExistsError(f"{self.current_path} exists; rotate it with "
                                   "`restnet keys rotate`")
         key = SigningKey.generate()
         key.save(self.current_path)
+        self._next_seq()
         return key
+
+    def seq(self) -> int:
+        """The key set's sequence number (KeySet.seq), persisted with the keys. A directory
+        made before the counter existed starts it, once, at the Unix time in milliseconds:
+        above any key set the controller published then (which used that clock)."""
+        try:
+            text = self.seq_path.read_text()
+        except FileNotFoundError:
+            if not self.current_path.exists():
+                raise FileNotFoundError(f"no signing key at {self.current_path}; make one "
+                                        f"with `restnet keys init {self.root}`") from None
+            return self._write_seq(int(time.time() * 1000))
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"{self.seq_path}: expected an integer, found {text[:40]!r}") from None
+        if not 1 <= value <= MAX_COUNTER:
+            raise ValueError(f"{self.seq_path}: {value} is outside 1..{MAX_COUNTER}")
+        return value
+
+    def _next_seq(self) -> int:
+        """Count one more key set (called after the key files changed)."""
+        return self._write_seq(self.seq() + 1 if self.seq_path.exists() else 1)
+
+    def _write_seq(self, value: int) -> int:
+        write_file(self.seq_path, f"{value}\n".encode(), 0o644)
+        return value
 
     def load(self) -> tuple[SigningKey, list[SigningKey]]:
         """(the signing key, the keys being rotated out)."""
@@ -238,6 +272,7 @@ class KeyDir:
         if len(previous) >= 7:  # a key set is signed by every key held: at most 8
             raise ValueError(f"{len(previous)} keys are already being rotated out; "
                              "`restnet keys retire` them first")
+        self.seq()  # a directory from before the counter gets one now, before the key changes
         old.save(self.root / "previous" / f"{old.id}.key")
         self.current_path.unlink()
         return self.init()
@@ -249,9 +284,12 @@ class KeyDir:
             gone.append(p.stem)
             p.unlink()
             p.with_suffix(".pub").unlink(missing_ok=True)
+        if gone:
+            self._next_seq()
         return gone
 
     def stamp(self) -> tuple[float, ...]:
         """Changes whenever a key file is added, replaced or removed (for reloading)."""
-        files = [self.current_path, *sorted((self.root / "previous").glob("*.key"))]
+        files = [self.current_path, self.seq_path,
+                 *sorted((self.root / "previous").glob("*.key"))]
         return tuple(p.stat().st_mtime_ns for p in files if p.exists()) + (len(files),)

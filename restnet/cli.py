@@ -13,6 +13,8 @@ COMMANDS = {
     "policy": ("fleet_controller.cli", "policy_main", "check a fleet.yaml or write its schema"),
     "keys": ("fleet_controller.cli", "keys_main", "make, rotate or retire the signing keys"),
     "agent": ("device_agent.cli", "main", "run a device agent, or provision its cache"),
+    "infer": ("device_agent.infer_client", "main",
+              "classify images with the model a board's agent serves"),
     "simulate": ("simulators.cli", "main", "run a simulated fleet against a broker"),
     "broker": ("fleet_controller.cli", "broker_main",
                "write a Mosquitto config with per-device credentials and ACLs"),

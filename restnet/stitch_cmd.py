@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -35,10 +36,19 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true")
 
 
+def load_zoo(path: Path) -> ZooSpec:
+    """Read and validate a zoo YAML file (a relative `dataset` is taken from its folder);
+    ValueError naming the file and the key otherwise."""
+    try:
+        return ZooSpec.from_dict(yaml.safe_load(Path(path).read_text()), Path(path).parent)
+    except (OSError, yaml.YAMLError, ValueError, TypeError) as exc:
+        raise ValueError(f"bad zoo file {path}: {exc}") from exc
+
+
 def _anchors(args: argparse.Namespace):
     """The zoo's anchors (trained or reused) and its data splits; errors name the zoo key."""
     try:
-        spec = ZooSpec.from_file(args.zoo)
+        spec = load_zoo(args.zoo)
         data = dict(source=spec.dataset, image_size=spec.image_size, n_calib=spec.n_calib,
                     n_val=spec.n_val, n_test=spec.n_test, seed=spec.seed)
         splits = make_splits(**data)
@@ -54,7 +64,7 @@ def _build(args: argparse.Namespace) -> Catalog:
 
     cfg = BuildConfig(top_k=args.top_k, screen=args.screen, finetune=args.finetune,
                       directions=args.directions,
-                      ft=TrainConfig(lr=1e-3, steps=args.ft_steps, n_train=args.ft_n_train,
+                      ft=TrainConfig(lr=3e-3, steps=args.ft_steps, n_train=args.ft_n_train,
                                      patience=2, distill=args.ft_distill))
     zoo, splits, data = _anchors(args)
     with _progress() as progress:
@@ -81,7 +91,7 @@ def catalog_main(argv: list[str]) -> int:
     b.add_argument("--top-k", type=int, default=3, help="hybrids kept per ordered anchor pair")
     b.add_argument("--screen", type=int, default=6, help="candidates kept by CKA per pair")
     b.add_argument("--directions", choices=("restnet", "both"), default="both")
-    b.add_argument("--ft-steps", type=int, default=300,
+    b.add_argument("--ft-steps", type=int, default=600,
                    help="optimiser steps per stitch fine-tuning, whatever the data size")
     b.add_argument("--ft-n-train", type=int, default=10000,
                    help="training images the fine-tuning draws from (at most)")

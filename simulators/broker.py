@@ -10,13 +10,13 @@ import stat
 import subprocess
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from paho.mqtt.reasoncodes import ReasonCode
 
-from fleet_protocol.brokerconf import (BROKER_USER, Credentials, TlsFiles, broker_conf,
-                                       write_broker_config, write_passwd)
+from fleet_protocol.brokerconf import (BROKER_USER, FLEET_TOPICS, Credentials, TlsFiles,
+                                       broker_conf, write_acl, write_broker_config, write_passwd)
 from fleet_protocol.mqtt import make_client
 
 MOSQUITTO = Path("/usr/sbin/mosquitto")
@@ -33,6 +33,7 @@ class Broker:
     timeout: float = 10.0
     creds: Credentials | None = None  # None when started with auth=False
     tls_port: int | None = None
+    operators: list[str] = field(default_factory=list)  # logins with the controller's rights
 
     @property
     def url(self) -> str:
@@ -50,14 +51,24 @@ class Broker:
     def add_devices(self, ids: Iterable[str]) -> None:
         """Give devices `ids` logins (old passwords stay), reload the broker with SIGHUP and
         wait until the newest user can log in (bounded by `timeout`)."""
+        self._add_logins(list(ids))
+
+    def add_operators(self, names: Iterable[str]) -> None:
+        """Give `names` logins with the controller's rights (a test's spy, a bench's extra
+        connection: client IDs are usernames, so each needs its own) and reload the broker."""
+        names = [n for n in names if n not in self.operators]
+        self.operators += names
+        self._add_logins(names)
+
+    def _add_logins(self, ids: list[str]) -> None:
         if self.creds is None:
-            raise RuntimeError("add_devices needs a broker started with auth=True")
-        ids = list(ids)
+            raise RuntimeError("adding logins needs a broker started with auth=True")
         if not ids:
             return
         self.creds.generate(ids)
         self.creds.save(self.workdir / "credentials.json")
         write_passwd(self.workdir / "passwd", self.creds)
+        write_acl(self.workdir / "acl", FLEET_TOPICS, self.operators)
         self.proc.send_signal(signal.SIGHUP)
         newest = ids[-1]
         deadline = time.monotonic() + self.timeout
@@ -108,12 +119,14 @@ def free_port() -> int:
 
 def start_broker(workdir: Path, *, port: int | None = None, devices: Iterable[str] = (),
                  auth: bool = True, extra_conf: str = "", tls: TlsFiles | None = None,
-                 tls_port: int | None = None, timeout: float = 10.0) -> Broker:
+                 tls_port: int | None = None, timeout: float = 10.0,
+                 operators: Iterable[str] = ()) -> Broker:
     """Write `workdir/mosquitto.conf`, start Mosquitto on it and wait until it accepts connections.
 
     auth=True (the default): logins for `controller` and every device in `devices`
     (`Broker.creds`; passwd, acl, credentials.json in `workdir`; `add_devices` adds more) with
-    the fleet ACLs of `fleet_protocol.brokerconf`. auth=False: anonymous clients, no ACLs.
+    the fleet ACLs of `fleet_protocol.brokerconf`, and for `operators` (logins with the
+    controller's rights; `add_operators` adds more). auth=False: anonymous clients, no ACLs.
     `tls` adds a TLS listener on `tls_port` (default: a free port).
     """
     if not MOSQUITTO.exists():
@@ -126,23 +139,26 @@ def start_broker(workdir: Path, *, port: int | None = None, devices: Iterable[st
     conf = workdir / "mosquitto.conf"
     user_line = _privileges(data)
     creds = None
+    operators = list(operators)
     if auth:
         extra = "".join(f"{line}\n" for line in (user_line, extra_conf) if line)
         creds = write_broker_config(workdir, devices, port=port, bind="127.0.0.1", tls=tls,
-                                    tls_port=tls_port or 8883, extra_conf=extra)
+                                    tls_port=tls_port or 8883, extra_conf=extra,
+                                    operators=operators)
     else:
         conf.write_text(broker_conf(port=port, data_dir=data, password_file=None, acl_file=None,
                                     tls=tls, tls_port=tls_port, user_line=user_line)
                         + extra_conf + "\n")
     proc = _launch(conf, workdir / "mosquitto.log", "127.0.0.1", port, timeout)
-    return Broker("127.0.0.1", port, workdir, proc, timeout, creds, tls_port)
+    return Broker("127.0.0.1", port, workdir, proc, timeout, creds, tls_port, operators)
 
 
 def connack(host: str, port: int, username: str | None = None, password: str | None = None, *,
-            ca_certs: Path | None = None, timeout: float = 5.0) -> ReasonCode | None:
+            ca_certs: Path | None = None, timeout: float = 5.0,
+            client_id: str = "") -> ReasonCode | None:
     """Log in once (MQTT v5) and disconnect: the CONNACK reason code, or None if none came
     within `timeout` (connection refused, TLS failure, silence)."""
-    client = make_client("", username=username, password=password, tls_ca=ca_certs)
+    client = make_client(client_id, username=username, password=password, tls_ca=ca_certs)
     got: list[ReasonCode] = []
     client.on_connect = lambda _c, _u, _f, rc, _p: got.append(rc)
     deadline = time.monotonic() + timeout

@@ -3,6 +3,11 @@ simulated resources and link, driven through a scenario of resource changes over
 
 Segments are provisioned once into a master cache and hard-linked into every device's cache,
 and rebuilt segment modules are shared read-only by all agents through one SegmentRegistry.
+
+Served accuracy is accounted here, from the simulator's truth, every tick of `run`: for each
+device, which catalog model serves and whether its true p95 is within the device's budget —
+for the real agents, and for any other way of choosing (`choosers`: an oracle, a static
+model) judged by the same truth.
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,11 +24,12 @@ import torch
 
 from device_agent.agent import Agent, AgentConfig
 from device_agent.cache import SegmentCache, SegmentRegistry, provision
+from device_agent.worker import InlineWorker
 from fleet_protocol.mqtt import ClientHost, parse_url
 from fleet_protocol.topics import Topics
-from stitch_lib.catalog import Catalog
+from stitch_lib.catalog import Catalog, Entry
 
-from .devices import SimResources, SimState, make_fleet, with_changes
+from .devices import NOISE_P95, SimResources, SimState, cost_table, make_fleet, with_changes
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +38,7 @@ log = logging.getLogger(__name__)
 class Event:
     at: float  # seconds after the scenario starts
     set: dict  # SimState fields to change
+    tags: dict = field(default_factory=dict)  # tags to add (announced in a new birth)
     classes: tuple[str, ...] = ()  # select by device class (empty: all) ...
     devices: tuple[str, ...] = ()  # ... or by device ID
     fraction: float = 1.0  # ... then a seeded random share of those
@@ -46,7 +53,7 @@ class Scenario:
     @classmethod
     def from_dict(cls, d: dict) -> "Scenario":
         """Validate a parsed scenario file; errors name the event and the field."""
-        allowed = {"at", "set", "classes", "devices", "fraction", "cut_s"}
+        allowed = {"at", "set", "tags", "classes", "devices", "fraction", "cut_s"}
         events = []
         for k, e in enumerate(d.get("events") or []):
             bad = set(e) - allowed
@@ -54,12 +61,45 @@ class Scenario:
                 raise ValueError(f"events[{k}]: unknown key(s) {sorted(bad)}; allowed: "
                                  f"{sorted(allowed)}")
             with_changes(SimState(), e.get("set", {}))  # names the unknown field, if any
+            tags = e.get("tags") or {}
+            if not isinstance(tags, dict):
+                raise ValueError(f"events[{k}]: tags must be a mapping, e.g. {{site: north}}")
             events.append(Event(at=float(e["at"]), set=dict(e.get("set", {})),
+                                tags={str(t): str(v) for t, v in tags.items()},
                                 classes=tuple(e.get("classes", ())),
                                 devices=tuple(e.get("devices", ())),
                                 fraction=float(e.get("fraction", 1.0)),
                                 cut_s=float(e.get("cut_s", 0.0))))
         return cls(float(d["duration_s"]), tuple(sorted(events, key=lambda e: e.at)))
+
+
+@dataclass
+class Served:
+    """Device-seconds of one way of choosing models, judged by the simulator's truth."""
+
+    device_s: float = 0.0
+    accuracy_s: float = 0.0  # Σ test accuracy × seconds while a model serves within budget
+    violation_s: float = 0.0  # a model serves, but its true p95 is over the budget
+    no_model_s: float = 0.0
+    hybrid_s: float = 0.0  # a hybrid serves (within budget or not)
+
+    def add(self, dt: float, entry: Entry | None, within: bool) -> None:
+        self.device_s += dt
+        if entry is None:
+            self.no_model_s += dt
+            return
+        self.hybrid_s += dt * (entry.kind == "hybrid")
+        if within:
+            self.accuracy_s += dt * entry.test_acc
+        else:
+            self.violation_s += dt
+
+    def figures(self) -> dict:
+        """Served accuracy (0–1, over device-seconds; out-of-budget and model-less seconds
+        serve nothing), the seconds over budget and without a model, the hybrids' share."""
+        n = self.device_s or float("nan")
+        return {"served_accuracy": self.accuracy_s / n, "budget_violation_s": self.violation_s,
+                "no_model_s": self.no_model_s, "hybrid_share": self.hybrid_s / n}
 
 
 @dataclass
@@ -87,6 +127,11 @@ class SimFleet:
     topics: Topics = field(default_factory=Topics)
     host: ClientHost = field(default_factory=ClientHost)
     devices: list[SimDevice] = field(default_factory=list)
+    # accounting: each device's p95 budget (None: unbounded) and other ways of choosing its
+    # model each tick (catalog ID or None), judged like the agents' own choice in `served`
+    budget: Callable[[SimDevice], float | None] = lambda d: None
+    choosers: dict[str, Callable[[SimDevice], str | None]] = field(default_factory=dict)
+    served: dict[str, Served] = field(default_factory=dict)
 
     @property
     def ids(self) -> list[str]:
@@ -96,9 +141,13 @@ class SimFleet:
         self.registry = SegmentRegistry()
         self.rng = random.Random(self.seed)
         master = SegmentCache(self.workdir / "master")
+        catalog = Catalog.load(self.catalog_dir)
         if self.provisioned:
-            provision(master, Catalog.load(self.catalog_dir))
+            provision(master, catalog)
+        self.costs = cost_table(catalog)  # what each model truly costs: per segment, by kind
+        self.entries = {e.id: e for e in catalog.entries}
         for dev_id, res in make_fleet(self.n, self.mix, self.seed):
+            res.costs = self.costs
             cache_dir = self.workdir / "devices" / dev_id
             cache = SegmentCache(cache_dir)
             for seg_id in master.ids():  # hard links: one copy on disk for the whole fleet
@@ -106,7 +155,8 @@ class SimFleet:
                     os.link(master.path(seg_id), cache.path(seg_id))
             cfg = AgentConfig(dev_id, cache_dir, self.topics, self.telemetry_period,
                               probe=self.probe, trust=self.trust)
-            agent = Agent(cfg, res, self.host, self.registry)
+            # inline: the real agent's work runs in this one thread's loop, as its callbacks do
+            agent = Agent(cfg, res, self.host, self.registry, worker=InlineWorker())
             self.devices.append(SimDevice(dev_id, res, agent))
 
     def start(self, credentials: Mapping[str, str] | None = None, pace: int = 25) -> None:
@@ -176,24 +226,49 @@ class SimFleet:
         chosen = self.select(e)
         for d in chosen:
             d.res.state = with_changes(d.res.state, e.set)
+            if e.tags:
+                d.agent.set_tags(d.agent.cfg.tags | e.tags)
         if e.cut_s:
             self.cut(chosen, e.cut_s)
-        log.info("scenario @%.0fs: %s%s on %d devices", e.at, e.set,
+        log.info("scenario @%.0fs: %s%s%s on %d devices", e.at, e.set,
+                 f", tags {e.tags}" if e.tags else "",
                  f", cut off for {e.cut_s:.0f} s" if e.cut_s else "", len(chosen))
         return [d.id for d in chosen]
 
+    def true_p95(self, d: SimDevice, entry_id: str) -> float:
+        """The true p95 latency of a catalog model on `d` right now."""
+        return d.res.true_ms(self.costs[entry_id]) * NOISE_P95
+
+    def account(self, dt: float) -> None:
+        """Add `dt` device-seconds per device to `served`, as things stand now: the agents'
+        own choice under "restnet", each chooser's under its name."""
+        ways = {"restnet": lambda d: (cur.hybrid if (cur := d.agent.slot.get()) else None),
+                **self.choosers}
+        for d in self.devices:
+            budget = self.budget(d)
+            for way, choose in ways.items():
+                entry = self.entries.get(choose(d) or "")
+                within = entry is not None and (budget is None
+                                                or self.true_p95(d, entry.id) <= budget)
+                self.served.setdefault(way, Served()).add(dt, entry, within)
+
     def run(self, scenario: Scenario, on_tick=None, tick_s: float = 1.0) -> None:
-        """Run the scenario in real time; `on_tick(elapsed)` is called every `tick_s`."""
+        """Run the scenario in real time, accounting what is served every `tick_s`;
+        `on_tick(elapsed)` is called then too."""
         t0 = time.monotonic()
         pending = list(scenario.events)
-        next_tick = 0.0
+        next_tick = last = 0.0
         while (elapsed := time.monotonic() - t0) < scenario.duration_s:
             while pending and pending[0].at <= elapsed:
                 self.apply(pending.pop(0))
-            if on_tick is not None and elapsed >= next_tick:
-                on_tick(elapsed)
+            if elapsed >= next_tick:
+                self.account(elapsed - last)
+                last = elapsed
+                if on_tick is not None:
+                    on_tick(elapsed)
                 next_tick += tick_s
             self.host.run_once(0.05)
+        self.account(scenario.duration_s - last)
 
     def stop(self) -> None:
         for d in self.devices:

@@ -27,8 +27,8 @@ from rich.progress import Progress
 from .assemble import load_anchor_model, segment_payloads  # noqa: F401  (re-exported)
 from .catalog import Catalog, Entry, pareto, usefulness
 from .cka import cka_matrix
-from .cost import (compressed_size, flops, fp16_bytes, latencies_ms, model_fp16_bytes,
-                   param_count, peak_activation_bytes)
+from .cost import (catalog_segment_costs, compressed_size, flops, fp16_bytes, latencies_ms,
+                   machine, model_fp16_bytes, param_count, peak_activation_bytes)
 from .cotrain import Point
 from .data import DataSplits
 from .segments import Port, Segment, is_transformer, split_model
@@ -47,7 +47,7 @@ class BuildConfig:
     finetune: str = "all"
     directions: str = "both"  # "restnet" (larger model in front only) or "both"
     ft: TrainConfig = field(default_factory=lambda: TrainConfig(
-        lr=1e-3, steps=300, n_train=10000, patience=2))
+        lr=3e-3, steps=600, n_train=10000, patience=2))
     latency_rounds: int = 30
 
     def __post_init__(self) -> None:
@@ -191,6 +191,7 @@ def build_catalog(zoo: Zoo | list[Anchor], splits: DataSplits, catalog: Catalog,
                          info["flops"])
                 continue
             hybrids.append((h, info))
+        log.info("ranked %s→%s: kept %d points", fa, fb, len(kept))
         if progress:
             progress.advance(task)
 
@@ -224,12 +225,18 @@ def build_catalog(zoo: Zoo | list[Anchor], splits: DataSplits, catalog: Catalog,
                 continue
             res = finetune_stitch(h, splits, cfg.ft, cache=cache, teacher=teacher, progress=progress)
             e.val_acc, e.test_acc, e.stitch_state = res.val_acc, evaluate(h, splits.test), "finetuned"
+            log.info("fine-tuned %s: val %.4f -> %.4f in %.1f s", e.name, e.init_val_acc,
+                     res.val_acc, res.seconds)
 
     for (h, _), e in zip(hybrids, entries[len(anchors):]):
         tensors = _stitch_tensors(h)
         e.artifact = catalog.put_artifact(tensors)
         e.delta_bytes = delta_size(tensors)
         e.id = f"h-{e.artifact[:12]}"
+    seg_costs = catalog_segment_costs({a.spec.name: a.segments for a in anchors},
+                                      [h for h, _ in hybrids], x1, rounds=cfg.latency_rounds)
+    for e in entries:
+        e.segment_costs = seg_costs[e.name]
     catalog.entries = entries
     tuned = [e for e in entries if e.stitch_state == "finetuned"]
     catalog.meta = {
@@ -243,6 +250,7 @@ def build_catalog(zoo: Zoo | list[Anchor], splits: DataSplits, catalog: Catalog,
         "spearman_init_val_vs_test": spearman([e.init_val_acc for e in tuned],
                                               [e.test_acc for e in tuned]),
         "usefulness": usefulness(entries),
+        "machine": machine(),
     }
     catalog.save()
     return catalog

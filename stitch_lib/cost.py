@@ -1,4 +1,6 @@
 """What a model costs to run and to ship: params, FLOPs, activation memory, latency, bytes.
+Per segment too (`segment_costs`): FLOPs, latency and the operator kind, which lets a planner
+learn how fast a device runs each kind of operator and predict a model it has not run yet.
 
 Figures are measured on this machine at batch 1 on the CPU. FLOPs come from
 `torch.utils.flop_counter` with timm's fused attention switched off while counting (the
@@ -8,10 +10,12 @@ module, fp32: a lower bound on what the model needs besides its weights.
 """
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -90,6 +94,74 @@ def latencies_ms(models: Mapping[str, nn.Module], x: torch.Tensor, rounds: int =
     finally:
         torch.set_num_threads(prev)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def op_kind(module: nn.Module) -> str:
+    """The operator type that sets a module's speed on a device: "attention" (holds an
+    attention module), "dwconv" (a grouped / depthwise convolution), "conv", "mlp" (linear
+    layers only) or "other"."""
+    mods = list(module.modules())
+    if any(type(m).__name__.endswith("Attention") for m in mods):
+        return "attention"
+    convs = [m for m in mods if isinstance(m, nn.Conv2d)]
+    if any(m.groups > 1 for m in convs):
+        return "dwconv"
+    if convs:
+        return "conv"
+    return "mlp" if any(isinstance(m, nn.Linear) for m in mods) else "other"
+
+
+@torch.no_grad()
+def segment_costs(parts: Sequence[tuple[str, nn.Module]], x: torch.Tensor, rounds: int = 30,
+                  warmup: int = 3, threads: int = 1) -> list[dict]:
+    """Cost of each of `parts` (ID, module), run in order from the batch-1 input `x`:
+    {"segment_id", "flops", "latency_ms" (median, interleaved rounds on `threads` threads,
+    each part on its own input), "kind" (`op_kind`)}."""
+    inputs = []
+    for _, m in parts:
+        inputs.append(x)
+        x = m(x)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    times: list[list[float]] = [[] for _ in parts]
+    try:
+        for r in range(warmup + rounds):
+            for k, ((_, m), inp) in enumerate(zip(parts, inputs)):
+                t0 = time.perf_counter()
+                m(inp)
+                if r >= warmup:
+                    times[k].append((time.perf_counter() - t0) * 1e3)
+    finally:
+        torch.set_num_threads(prev)
+    return [{"segment_id": sid, "flops": flops(m, inp), "latency_ms": statistics.median(t),
+             "kind": op_kind(m)} for (sid, m), inp, t in zip(parts, inputs, times)]
+
+
+def catalog_segment_costs(anchors: Mapping[str, Sequence], hybrids: Sequence, x: torch.Tensor,
+                          rounds: int = 30) -> dict[str, list[dict]]:
+    """Per-segment costs of every anchor (name → its segments) and hybrid (a
+    stitch_lib.stitch.Hybrid, by name): a hybrid runs its front anchor's first i+1 segments,
+    its stitch (ID "stitch", measured on the front's activation) and its back anchor's
+    segments after j, each costing what it costs in its anchor."""
+    out = {name: segment_costs([(s.segment_id(), s) for s in segs], x, rounds)
+           for name, segs in anchors.items()}
+    for h in hybrids:
+        stitch = segment_costs([("front", h.front), ("stitch", h.stitch)], x, rounds)[1]
+        out[h.name] = [*out[h.front_name][: h.i + 1], stitch, *out[h.back_name][h.j + 1:]]
+    return out
+
+
+def machine(threads: int = 1) -> dict:
+    """The machine costs are measured on: platform, CPU model, cores, timing threads, torch."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f
+                        if ln.startswith("model name")), cpu)
+    except OSError:
+        pass  # not Linux: platform's answer stands
+    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
+            "threads": threads, "torch": torch.__version__}
 
 
 def fp16_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:

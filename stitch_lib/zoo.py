@@ -17,7 +17,6 @@ from typing import Any
 
 import timm
 import torch
-import yaml
 from rich.progress import Progress
 from safetensors.torch import load as st_load
 from safetensors.torch import load_file
@@ -118,14 +117,6 @@ class ZooSpec:
         if base is not None and source != "fashion-mnist" and not Path(source).is_absolute():
             d["dataset"] = str((base / source).resolve())
         return _from_dict(cls, {**d, "anchors": tuple(anchors), "train": budget}, "zoo")
-
-    @classmethod
-    def from_file(cls, path: Path) -> "ZooSpec":
-        """Read and validate a zoo YAML file; ValueError naming the file and key otherwise."""
-        try:
-            return cls.from_dict(yaml.safe_load(Path(path).read_text()), Path(path).parent)
-        except (OSError, yaml.YAMLError, ValueError, TypeError) as exc:
-            raise ValueError(f"bad zoo file {path}: {exc}") from exc
 
 
 @dataclass

@@ -41,13 +41,16 @@ class Loop:
         self.controller.start(*parse_url(self.broker.url))
         return self.controller
 
-    def add_agent(self, dev_id, cls="rpi4", battery=0.9, provisioned=True, **cfg):
+    def add_agent(self, dev_id, cls="rpi4", battery=0.9, provisioned=True, worker=None, **cfg):
+        """A real agent on the loop's host; its work runs on a thread of its own, as on a
+        board, unless `worker` says otherwise (an InlineWorker runs it in the handlers)."""
         cache_dir = self.tmp / "dev" / dev_id
         if provisioned:
             provision(SegmentCache(cache_dir), self.catalog)
         res = SimResources(CLASSES[cls], SimState(battery=battery))
         agent = Agent(AgentConfig(dev_id, cache_dir, telemetry_period=0.2, trust=self.trust,
-                                  **self.login(dev_id), **cfg), res, self.host, self.registry)
+                                  **self.login(dev_id), **cfg), res, self.host, self.registry,
+                      worker=worker)
         agent.start(*parse_url(self.broker.url))
         self.agents[dev_id] = agent
         return agent
@@ -62,10 +65,11 @@ class Loop:
                 f"; deployments {[(d.id, d.hybrid, d.status, d.reason) for d in deps]}")
 
     def spy(self, name, topic):
-        """A client logged in as the controller, collecting (topic, payload) of what arrives
-        on `topic`; it may also publish what only the controller may (desired states)."""
+        """A client with an operator login `name` (the controller's rights), collecting
+        (topic, payload) of what arrives on `topic`; it may also publish what only the
+        controller may (desired states)."""
         got = []
-        c = make_client(name, **self.login("controller"))
+        c = make_client(name, **self.operator(name))
         c.on_message = lambda cl, u, m: got.append((m.topic, m.payload))
         c.on_connect = lambda cl, u, f, rc, p: cl.subscribe(topic, qos=1)
         self.host.add(c, *parse_url(self.broker.url))
@@ -76,6 +80,14 @@ class Loop:
         """make_client's username/password for `user` (a device user is added if new)."""
         creds = self.credentials([user])
         return {} if creds is None else {"username": user, "password": creds[user]}
+
+    def operator(self, name):
+        """make_client's username/password for an operator login `name` (added if new)."""
+        if self.broker.creds is None:
+            return {}
+        if name not in self.broker.operators:
+            self.broker.add_operators([name])
+        return {"username": name, "password": self.broker.creds[name]}
 
     def credentials(self, users):
         """The broker's credentials, with `users` added if new; None if it is anonymous."""

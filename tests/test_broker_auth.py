@@ -12,7 +12,9 @@ import threading
 import pytest
 
 from fleet_controller.cli import broker_main
-from fleet_protocol.brokerconf import Credentials, TlsFiles, hash_password
+from fleet_protocol.brokerconf import (MAX_QUEUED_BYTES, MEMORY_LIMIT, Credentials, TlsFiles,
+                                       hash_password)
+from fleet_protocol.messages import MAX_MESSAGE_BYTES
 from fleet_protocol.mqtt import ClientHost, make_client
 from simulators.broker import MOSQUITTO, connack, start_broker
 
@@ -31,9 +33,11 @@ class Peer:
         self.msgs: list[tuple[str, bytes]] = []
         self.acks: dict[int, object] = {}
         self.connected: list[object] = []
+        self.disconnected: list[object] = []
         password = broker.creds[user] if password is None else password
         self.c = make_client(f"t{next(_ids)}-{user}", username=user, password=password)
         self.c.on_connect = lambda _c, _u, _f, rc, _p: self._put(self.connected.append, rc)
+        self.c.on_disconnect = lambda _c, _u, _f, rc, _p: self._put(self.disconnected.append, rc)
         self.c.on_message = lambda _c, _u, m: self._put(self.msgs.append, (m.topic, m.payload))
         self.c.on_publish = lambda _c, _u, mid, rc, _p: self._put(self.acks.__setitem__, mid, rc)
         self.c.on_subscribe = lambda _c, _u, mid, rcs, _p: self._put(self.acks.__setitem__, mid,
@@ -110,7 +114,8 @@ def make_tls(d) -> TlsFiles:
 def broker(tmp_path_factory):
     d = tmp_path_factory.mktemp("auth-broker")
     tls = make_tls(d)
-    with start_broker(d / "broker", auth=True, devices=["d1", "d2"], tls=tls) as running:
+    with start_broker(d / "broker", auth=True, devices=["d1", "d2"], tls=tls,
+                      operators=["ops1"]) as running:
         running.tls_files = tls
         yield running
 
@@ -141,7 +146,7 @@ def test_hash_matches_mosquitto_passwd(tmp_path):
 
 
 def test_logins(broker):
-    assert broker.creds.keys() == {"controller", "d1", "d2"}
+    assert broker.creds.keys() == {"controller", "ops1", "d1", "d2"}
     assert all(":$7$101$" in x for x in (broker.workdir / "passwd").read_text().splitlines())
     assert not connack(broker.host, broker.port, "d1", broker.creds["d1"]).is_failure
     for user, pw in [("d1", "wrong"), ("d1", broker.creds["d2"]), (None, None)]:
@@ -174,7 +179,7 @@ def test_device_reads_only_its_own_desired_and_cannot_write_it(peer, broker):
                                                                 b"desired-d1")]
     assert d1.pub(f"{R}/dev/d1/desired", b"forged", retain=True) == NOT_AUTHORIZED
     assert d1.pub(f"{R}/dev/d2/desired", b"forged", retain=True) == NOT_AUTHORIZED
-    fresh = peer("controller")
+    fresh = peer("ops1")  # an operator login: the controller's rights, its own session
     fresh.sub(f"{R}/dev/+/desired")
     fresh.wait(lambda: len([t for t, _ in fresh.msgs if t.endswith("/desired")]) >= 2)
     assert sorted(fresh.msgs) == [(f"{R}/dev/d1/desired", b"desired-d1"),
@@ -191,6 +196,39 @@ def test_device_cannot_use_controller_topics_or_others_artifacts(peer):
     assert ctl.pub(f"{R}/art/d1/data", b"mine") in OK
     d1.wait(lambda: d1.got(f"{R}/art/d1/data"))
     assert not d1.got(f"{R}/art/d2/data")
+
+
+def test_a_login_cannot_take_over_another_clients_session(peer, broker):
+    """Client IDs are usernames: d1 logging in with d2's (or the controller's) client ID, again
+    and again, leaves d2's and the controller's connections alone."""
+    ctl, d2 = peer("controller"), peer("d2")
+    for client_id in ["d2", d2.c._client_id.decode(), "controller", ctl.c._client_id.decode()]:
+        for _ in range(5):
+            rc = connack(broker.host, broker.port, "d1", broker.creds["d1"], client_id=client_id)
+            assert rc is not None and not rc.is_failure, rc
+    assert d2.pub(f"{R}/dev/d2/telemetry", b"still here") in OK  # a round trip after the tries
+    assert ctl.pub(f"{R}/dev/d2/desired", b"still here") in OK
+    assert (len(d2.connected), d2.disconnected) == (1, [])
+    assert (len(ctl.connected), ctl.disconnected) == (1, [])
+
+
+def test_the_broker_runs_hardened_and_drops_oversized_messages(peer, broker):
+    """The generated mosquitto.conf starts (the fixture's broker runs on it) with its limits,
+    and a publish larger than the protocol's largest message is not delivered."""
+    conf = broker.conf.read_text()
+    for line in ["use_username_as_clientid true", f"message_size_limit {MAX_MESSAGE_BYTES}",
+                 f"max_queued_bytes {MAX_QUEUED_BYTES}", f"memory_limit {MEMORY_LIMIT}",
+                 "max_connections "]:
+        assert f"\n{line}" in conf, line
+    assert broker.proc.poll() is None
+    ctl, big, d1 = peer("controller"), peer("ops1"), peer("d1")
+    assert d1.sub(f"{R}/art/d1/data") == [1]
+    big.c.publish(f"{R}/art/d1/data", b"x" * (MAX_MESSAGE_BYTES + 1), qos=1)
+    big.wait(lambda: big.disconnected)  # Mosquitto 2.0 drops an MQTT 5 sender of one
+    big.close()
+    assert ctl.pub(f"{R}/art/d1/data", b"y" * MAX_MESSAGE_BYTES) in OK
+    d1.wait(lambda: d1.got(f"{R}/art/d1/data"))
+    assert [len(p) for p in d1.got(f"{R}/art/d1/data")] == [MAX_MESSAGE_BYTES]
 
 
 def test_add_devices_reloads_passwords(broker):
@@ -251,12 +289,16 @@ def test_cli_config(tmp_path, capsys):
     assert second.keys() == {"controller", "a", "b", "c"} and second["a"] == first["a"]
     assert len((out / "passwd").read_text().splitlines()) == 4
     assert "pattern read fleet/v1/dev/%u/desired" in (out / "acl").read_text()
+    assert broker_main(["config", "--out", str(out), "--devices", "a,b",
+                        "--operators", "monitor"]) == 0
+    assert "user monitor\ntopic readwrite fleet/v1/#" in (out / "acl").read_text()
 
 
 @pytest.mark.parametrize("args, message", [
     (["--devices", "a/b"], "device ID 'a/b'"),
     (["--devices", "a", "--tls-ca", "ca.pem"], "all three or none"),
     (["--devices", "controller"], "controller"),
+    (["--devices", "a,mon", "--operators", "mon"], "operator"),
     (["--root", "fleet/#"], "topic root"),
 ])
 def test_cli_errors(tmp_path, capsys, args, message):

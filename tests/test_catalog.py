@@ -43,9 +43,16 @@ def test_catalog_holds_measured_anchors_and_hybrids(built):
         assert e.segments and e.direction in ("large→small", "small→large")
     assert all(e.stitch_state == "finetuned" for e in cat.hybrids)
     assert all(e.val_acc >= e.ls_val_acc for e in cat.hybrids)  # the LS start is kept if best
+    for e in cat.entries:  # per-segment costs: the anchors' segments, plus a hybrid's stitch
+        assert sum(c["flops"] for c in e.segment_costs) == e.flops
+        ids = [c["segment_id"] for c in e.segment_costs]
+        assert ids == (e.segments if e.kind == "anchor" else
+                       [*e.segments[: e.i + 1], "stitch", *e.segments[e.i + 1:]])
     reloaded = Catalog.load(cat.root)
     assert [e.name for e in reloaded.entries] == [e.name for e in cat.entries]
-    assert json.loads((cat.root / "catalog.json").read_text())["meta"]["candidates"]
+    assert reloaded.entries[-1].segment_costs == cat.entries[-1].segment_costs
+    meta = json.loads((cat.root / "catalog.json").read_text())["meta"]
+    assert meta["candidates"] and meta["machine"]["threads"] == 1
 
 
 def test_hybrid_reloads_from_its_artifact(built, splits):

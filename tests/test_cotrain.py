@@ -7,6 +7,7 @@ import torch
 import yaml
 
 from conftest import TINY_VIT, tiny
+from restnet.stitch_cmd import load_zoo
 from stitch_lib import split_model
 from stitch_lib.build import BuildConfig, build_catalog
 from stitch_lib.catalog import Catalog, Entry, chord_margins, coverage, useful
@@ -128,7 +129,7 @@ def test_zoo_budget_is_one_rule_and_paths_are_relative(tmp_path):
     assert {a.train.epochs for a in spec.anchors} == {1}
     assert [a.train.lr for a in spec.anchors] == [3e-3, 1e-3, 3e-3]
     (tmp_path / "zoo.yaml").write_text(yaml.safe_dump({**SA_ZOO, "dataset": "data/mine.npz"}))
-    assert ZooSpec.from_file(tmp_path / "zoo.yaml").dataset == str(tmp_path / "data/mine.npz")
+    assert load_zoo(tmp_path / "zoo.yaml").dataset == str(tmp_path / "data/mine.npz")
     with pytest.raises(ValueError, match=r"zoo\.yaml.*augment"):
         (tmp_path / "zoo.yaml").write_text(yaml.safe_dump({**SA_ZOO, "train": {"augment": "x"}}))
-        ZooSpec.from_file(tmp_path / "zoo.yaml")
+        load_zoo(tmp_path / "zoo.yaml")

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from fleet_controller.planner import (Candidate, Twin, explain, initial_speed, learn_speed,
-                                      plan)
+from fleet_controller.planner import (Candidate, Speeds, Term, Twin, explain, learn_speed,
+                                      plan, predict_ms)
 from fleet_controller.policy import BatteryMode, ResolvedRule, Rollout
 from fleet_controller.rollout import WaveState, next_wave
 
@@ -39,7 +39,12 @@ NOW = 1000.0
 
 
 def twin(**kw) -> Twin:
-    return Twin(**({"device_id": "d1", "online": True, "speed": 1.0} | kw))
+    return Twin(**({"device_id": "d1", "online": True} | kw))
+
+
+def times(factor: float) -> Speeds:
+    """Learned speeds that say: this device takes `factor` × the prior on everything."""
+    return Speeds(mean=(factor,))
 
 
 def test_fresh_device_gets_the_most_accurate_feasible_model():
@@ -54,7 +59,7 @@ def test_low_battery_switches_to_a_cheaper_hybrid():
     assert "battery 0.30 < 0.40" in d.reason and "min_energy" in d.reason
     d = plan(twin(battery=0.12, running="h-small"), CANDS, RULE, NOW)
     assert (d.target, d.mode) == ("tiny", "battery<0.15")  # the lowest threshold wins
-    assert "80.0 MFLOPs→20.0 MFLOPs" in d.reason
+    assert "5.00 mJ→2.00 mJ" in d.reason  # predicted energy per inference
     assert (d.rule.objective, d.rule.min_accuracy) == ("min_energy", 0.60)  # health thresholds
 
 
@@ -65,38 +70,54 @@ def test_charging_ignores_battery_modes():
 
 
 def test_learned_speed_excludes_slow_candidates():
-    speed = None
+    t = twin(running="big")
     for _ in range(30):  # the device runs `big` 4× slower than the catalog machine
-        speed = learn_speed(speed, 80.0, BY_ID["big"].latency_ms)
-    assert speed == pytest.approx(4.0)
-    d = plan(twin(speed=speed, running="big"), CANDS, RULE, NOW)
+        t.speed = learn_speed(t, BY_ID["big"], 80.0)
+    assert predict_ms(t, BY_ID["big"]) == pytest.approx(80.0, rel=1e-3)
+    d = plan(t, CANDS, RULE, NOW)
     assert d.target == "h-mid" and d.predicted_latency_ms == pytest.approx(40)
     assert "big no longer fits (p95 80.0 ms > 50 ms budget)" in d.reason
 
 
 def test_measured_tail_counts_against_the_p95_budget():
-    t = twin(speed=2.0, running="h-mid", lat_p50_ms=20.0, lat_p95_ms=60.0)  # p95 = 3 × p50
+    t = twin(speed=times(2.0), running="h-mid", lat_p50_ms=20.0, lat_p95_ms=60.0)  # p95 = 3×p50
     d = plan(t, CANDS, RULE, NOW)
     assert d.target == "h-small" and d.predicted_latency_ms == pytest.approx(30)
 
 
-def test_initial_speed_from_gflops():
-    assert initial_speed(twin(gflops=25.0)) == 4.0
-    assert initial_speed(twin(gflops=None)) == 1.0
-    assert initial_speed(twin(gflops=1e-9)) == 1000.0
-    d = plan(twin(speed=None, gflops=25.0), CANDS, RULE, NOW)  # 4× slower: big, h-ls too slow
-    assert d.target == "h-mid"
+def test_prior_is_the_nominal_gflops_else_the_catalog_machine():
+    assert predict_ms(twin(), BY_ID["big"]) == 20.0  # the catalog machine's latency
+    assert predict_ms(twin(gflops=8.0), BY_ID["big"]) == pytest.approx(62.5)  # 500 MFLOP / 8
+    d = plan(twin(gflops=8.0), CANDS, RULE, NOW)  # big is too slow at 8 GFLOPS
+    assert (d.target, d.predicted_latency_ms) == ("h-ls", pytest.approx(37.5))
 
 
 def test_learn_speed_converges_and_clamps():
     rng = random.Random(1)
-    speed = learn_speed(None, 10.0, 10.0)
+    t = twin()
     for _ in range(60):
-        speed = learn_speed(speed, 37.0 * rng.uniform(0.9, 1.1), 10.0)
-    assert speed == pytest.approx(3.7, rel=0.05)
-    assert learn_speed(None, 1e9, 1.0) == 1000.0 and learn_speed(None, 0.0, 5.0) == 0.01
-    with pytest.raises(ValueError):
-        learn_speed(None, 5.0, 0.0)
+        t.speed = learn_speed(t, BY_ID["tiny"], 2.0 * 3.7 * rng.uniform(0.9, 1.1))
+    assert predict_ms(t, BY_ID["tiny"]) == pytest.approx(2.0 * 3.7, rel=0.05)
+    assert predict_ms(t, BY_ID["big"]) == pytest.approx(20.0 * 3.7, rel=0.05)  # same kind
+    assert t.speed.reports == 60
+    assert predict_ms(twin(speed=times(5000.0)), BY_ID["tiny"]) == 2.0 * 1000  # clamped
+    assert predict_ms(twin(speed=times(-1.0)), BY_ID["tiny"]) == 2.0 * 0.01
+    with pytest.raises(ValueError, match="must be positive"):
+        learn_speed(twin(), BY_ID["tiny"], 0.0)
+    with pytest.raises(ValueError, match="must be positive"):
+        learn_speed(twin(), cand("free", 0.5, 0.0, 0, 1), 5.0)
+
+
+def test_speeds_survive_the_store_and_an_old_scalar_is_dropped():
+    import json
+    from dataclasses import asdict
+
+    t = twin(running="big", cached=frozenset())
+    t.speed = learn_speed(t, BY_ID["big"], 50.0)
+    doc = json.loads(json.dumps({**asdict(t), "cached": []}))
+    back = Twin(**{**doc, "cached": frozenset()})
+    assert back.speed == t.speed and predict_ms(back, BY_ID["big"]) == predict_ms(t, BY_ID["big"])
+    assert Twin(**{**doc, "speed": 4.0}).speed is None  # a scalar from an older store
 
 
 def test_memory_limit():
@@ -135,7 +156,7 @@ def test_hysteresis_dwell_and_min_gain():
 
 
 def test_infeasible_running_model_is_replaced_despite_dwell():
-    t = twin(running="big", since=NOW - 1, speed=4.0)
+    t = twin(running="big", since=NOW - 1, speed=times(4.0))
     assert plan(t, CANDS, RULE, NOW).target == "h-mid"
     t = twin(running="big", since=NOW - 1, mem_free_mb=14)  # memory taken by something else
     assert plan(t, CANDS, RULE, NOW).target == "h-small"
@@ -178,6 +199,11 @@ def test_candidate_from_catalog_entries():
     c = Candidate.from_entry(row)
     assert (c.accuracy, c.segments, c.stitch_state, c.mem_bytes) == (0.9, ("s1",), "ls", 120)
     assert Candidate.from_entry(SimpleNamespace(**row)) == c
+    assert c.cost_terms == (Term("model", 10, 3.0),)  # no per-segment costs: one term
+    costs = [{"segment_id": "s1", "flops": 6, "latency_ms": 1.0, "kind": "conv"},
+             {"segment_id": "stitch", "flops": 4, "latency_ms": 2.0, "kind": "mlp"}]
+    c = Candidate.from_entry({**row, "segment_costs": costs})
+    assert c.cost_terms == (Term("conv", 6, 1.0), Term("mlp", 4, 2.0))
 
 
 def random_twin(rng: random.Random, ids: list[str]) -> Twin:
@@ -189,7 +215,7 @@ def random_twin(rng: random.Random, ids: list[str]) -> Twin:
                 mem_free_mb=rng.choice([None, rng.uniform(5, 200)]),
                 lat_p50_ms=p50, lat_p95_ms=p50 and p50 * rng.uniform(0.8, 4),
                 running=rng.choice([None, "gone", *ids]), since=rng.uniform(0, 100),
-                speed=rng.choice([None, rng.uniform(0.1, 4)]))
+                speed=rng.choice([None, times(rng.uniform(0.1, 4))]))
 
 
 def test_invariants_over_random_twins():
@@ -208,7 +234,7 @@ def test_invariants_over_random_twins():
         d = plan(t, cands, rule, 100.0)
         why = explain(t, cands, rule, 100.0)
         feasible = [c for c in cands if not why[c.id]]
-        cheapest = min(cands, key=lambda c: (c.flops, -c.accuracy, c.id))
+        cheapest = min(cands, key=lambda c: (predict_ms(t, c), c.flops, -c.accuracy, c.id))
         assert d.target != t.running, (case, d)
         if d.target is not None:
             target = next(c for c in cands if c.id == d.target)

@@ -6,6 +6,7 @@ from torch import nn
 
 from device_agent.runtime import LatencyWindow, Loaded, ModelSlot, health_verdict
 from fleet_protocol.messages import Desired
+from stitch_lib.inputs import InputSpec
 
 
 class Gate(nn.Module):
@@ -26,7 +27,7 @@ class Gate(nn.Module):
 def loaded(module, gen):
     d = Desired(device_id="a", generation=gen, deployment_id=f"d{gen}", hybrid=f"h{gen}",
                 front=["5e" * 32], ts=0.0)
-    return Loaded(module, d, flops=1)
+    return Loaded(module, d, flops=1, input=InputSpec(1, (1, 1)))
 
 
 def test_requests_in_flight_finish_on_the_old_model():
@@ -51,7 +52,7 @@ def test_requests_in_flight_finish_on_the_old_model():
 def test_latency_window_and_health_verdict():
     w = LatencyWindow(size=100)
     for ms in range(1, 101):
-        w.add(float(ms))
+        w.add(float(ms), None)
     assert 49 <= w.percentile(50) <= 51 and 94 <= w.percentile(95) <= 96
     assert health_verdict(96.0, 50.0, None, None).startswith("latency p95 96.0 ms > budget")
     assert health_verdict(10.0, 50.0, 0.5, 0.7).startswith("probe accuracy 0.500 < 0.700")

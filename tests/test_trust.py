@@ -5,6 +5,8 @@ import base64
 import json
 import time
 
+import numpy as np
+
 from fleet_controller.cli import keys_main
 from fleet_protocol.messages import Ack, Desired, decode
 from fleet_protocol.signing import KeyDir, Keyring, SigningKey, seal
@@ -65,8 +67,8 @@ def test_forged_tampered_foreign_and_replayed_desired_states_are_refused(loop, c
                                                          stitch=bad_delta), [trusted]), g + 4)
     assert ack.status == "FAILED" and "sha256" in ack.reason
     assert loop.running(dev) == before
-    out, _ = agent.slot.infer(agent.probe)  # the old model kept serving
-    assert out.shape[0] == agent.probe.shape[0]
+    # the old model kept serving
+    assert len(agent.infer(np.zeros((2, 32, 32), np.uint8)).classes) == 2
     # a good one still goes through, and an older generation after it is a replay
     ack = push(loop, client, acks, dev, seal(desired_for(ctl, dev, hybrid, g + 5), [trusted]),
                g + 5)
@@ -93,8 +95,10 @@ def test_keys_rotate_and_retire_while_the_fleet_runs(broker, catalog, tmp_path):
         lp.run_until(lambda: ctl.twins["rpi4-050"].keys_seq >= ctl.store.meta("keys")["since"])
         assert keys_main(["retire", str(keydir.root), "--state-dir", str(tmp_path / "ctl")]) == 0
         lp.run_until(lambda: set(agent.keyring.keys) == {second.id})
-        saved = Keyring.from_json((agent.cfg.cache_dir / "trust.json").read_bytes())
-        assert set(saved.keys) == {second.id}  # a restarted agent trusts the new key only
+
+        def saved() -> set[str]:  # written by the agent's worker thread, just after
+            return set(Keyring.from_json((agent.cfg.cache_dir / "trust.json").read_bytes()).keys)
+        lp.run_until(lambda: saved() == {second.id})  # a restarted agent trusts the new key only
         client, acks = lp.spy("operator", T.ack("rpi4-050"))
         gen = agent.applied + 1
         ack = push(lp, client, acks, "rpi4-050", seal(desired_for(

@@ -1,0 +1,179 @@
+"""A cost model that predicts: per-segment costs in the catalog, devices with a hidden truth,
+and a planner that learns each device's speed per operator kind from its reports alone."""
+import json
+import random
+import statistics
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import tiny
+from fleet_controller.planner import Candidate, Term, Twin, learn_speed, predict_ms
+from simulators.devices import CLASSES, NOISE, NOISE_P50, Hidden, SimResources, SimState, \
+    make_fleet
+from stitch_lib.catalog import Catalog
+from stitch_lib.cost import catalog_segment_costs, flops, machine, segment_costs
+from stitch_lib.segments import split_model
+from stitch_lib.stitch import build_hybrid
+
+
+def model(name: str, *terms: tuple[str, float]) -> Candidate:
+    ts = tuple(Term(kind, int(f), 0.1) for kind, f in terms)
+    return Candidate(id=name, name=name, kind="anchor", accuracy=0.8, latency_ms=1.0,
+                     flops=sum(t.flops for t in ts), model_bytes=1, act_peak_bytes=1,
+                     delta_bytes=None, segments=(name,), stitch_state=None, terms=ts)
+
+
+# per-segment (kind, FLOPs) as `segment_costs` measures the tiny test models and their hybrids
+RES = model("res", ("conv", 3.6e6), ("conv", 2.36e6), ("conv", 1.16e6), ("conv", 3.9e5),
+            ("conv", 5.3e5), ("mlp", 1920))
+VIT = model("vit", ("conv", 65536), ("attention", 454784), ("attention", 454784), ("mlp", 640))
+MNV3 = model("mnv3", ("conv", 73728), ("dwconv", 35328), ("dwconv", 146432),
+             ("dwconv", 276224), ("dwconv", 97920), ("dwconv", 376992), ("conv", 27648),
+             ("conv", 610304))
+RES_VIT = model("res:layer1→vit:blocks.0", ("conv", 3.6e6), ("conv", 2.36e6), ("conv", 1.2e5),
+                ("attention", 454784), ("mlp", 640))
+MNV3_VIT = model("mnv3:blocks.0→vit:blocks.0", ("conv", 73728), ("dwconv", 35328),
+                 ("conv", 3e4), ("attention", 454784), ("attention", 454784), ("mlp", 640))
+VIT_RES = model("vit:blocks.0→res:layer1", ("conv", 65536), ("attention", 454784),
+                ("conv", 5e4), ("conv", 1.16e6), ("conv", 3.9e5), ("conv", 5.3e5),
+                ("mlp", 1920))
+
+
+def one_scalar(c: Candidate) -> Candidate:
+    """The same model with every segment of one kind: what one learned scalar can know."""
+    return Candidate(**{**vars(c), "terms": tuple(Term("model", t.flops, t.latency_ms)
+                                                  for t in c.terms)})
+
+
+def true_terms(c: Candidate) -> tuple[tuple[str, int], ...]:
+    return tuple((t.kind, t.flops) for t in c.terms)
+
+
+def prediction_errors(runs: list[Candidate], target: Candidate, scalar: bool = False,
+                      n: int = 60) -> list[float]:
+    """|predicted − true| / true p50 of `target` on `n` simulated devices with hidden
+    variation, after each reported the p50 (median of 9 noisy runs) of each of `runs`."""
+    shape = one_scalar if scalar else (lambda c: c)
+    errors = []
+    for dev_id, res in make_fleet(n, seed=3):
+        twin = Twin(device_id=dev_id, online=True, gflops=res.cls.gflops)  # nominal only
+        for c in runs:
+            p50 = statistics.median(res.true_ms(true_terms(c)) * res.rng.uniform(*NOISE)
+                                    for _ in range(9))
+            twin.speed = learn_speed(twin, shape(c), p50)
+        truth = res.true_ms(true_terms(target)) * NOISE_P50
+        errors.append(abs(predict_ms(twin, shape(target)) - truth) / truth)
+    return errors
+
+
+@pytest.mark.parametrize("runs, target", [
+    ((RES, VIT, RES), RES_VIT), ((MNV3, VIT, MNV3), MNV3_VIT), ((VIT, RES, VIT), VIT_RES)])
+def test_cost_learning_on_hidden_variation(runs, target):
+    """Three reports on two models predict a third within 15% (median over the devices);
+    one scalar speed, learned the same way, cannot."""
+    per_kind = statistics.median(prediction_errors(list(runs), target))
+    scalar = statistics.median(prediction_errors(list(runs), target, scalar=True))
+    prior = statistics.median(prediction_errors([], target))
+    assert per_kind <= 0.15, per_kind
+    assert per_kind < scalar and per_kind < prior / 5, (per_kind, scalar, prior)
+
+
+def test_one_scalar_is_far_off_where_the_kinds_differ():
+    errors = [e for runs, target in (((MNV3, VIT, MNV3), MNV3_VIT), ((VIT, RES, VIT), VIT_RES))
+              for e in prediction_errors(list(runs), target, scalar=True)]
+    assert statistics.median(errors) > 0.15
+
+
+def test_hidden_truth_is_per_device_seeded_and_not_the_nominal_figure():
+    a, b = make_fleet(8, seed=5), make_fleet(8, seed=5)
+    assert [r.hidden for _, r in a] == [r.hidden for _, r in b]
+    mcus = [r for dev, r in a if r.cls.name == "mcu"]
+    assert len({r.hidden.speed for r in mcus}) == len(mcus)  # each device its own
+    nominal = SimResources(CLASSES["mcu"], SimState(cpu_other=0.0))
+    assert nominal.hidden == Hidden.nominal(CLASSES["mcu"])
+    conv, att = nominal.true_ms((("conv", 10**6),)), nominal.true_ms((("attention", 10**6),))
+    assert conv == pytest.approx(1e6 / 0.4e6) and att / conv == pytest.approx(1 / 0.33)
+
+
+def test_batteries_drain_by_the_energy_spent():
+    def drained(terms) -> float:
+        res = SimResources(CLASSES["rpi3"], SimState(battery=1.0, cpu_other=0.0),
+                           random.Random(0), costs={"m": terms})
+        loaded = SimpleNamespace(hybrid="m", flops=0)
+        res.sample(0.0)
+        ms = res.latency_ms(loaded, None)
+        res.sample(100.0)
+        watts = res.cls.idle_w + res.hidden.power_w * ms / 100.0
+        assert 1.0 - res.state.battery == pytest.approx(watts * 100 / (5.4 * 3600))
+        return 1.0 - res.state.battery
+
+    assert drained((("conv", 10**8),)) > drained((("conv", 10**7),))
+
+
+def test_segment_costs_add_up_and_name_their_kinds():
+    x = torch.zeros(1, 1, 32, 32)
+    kinds = {"test_resnet": {"conv", "mlp"}, "vit": {"conv", "attention", "mlp"},
+             "mobilenetv3_small_050": {"conv", "dwconv"}}
+    for name, expected in kinds.items():
+        m = tiny(name)
+        costs = segment_costs([(s.segment_id(), s) for s in split_model(m)], x, rounds=2)
+        assert sum(c["flops"] for c in costs) == flops(m, x)
+        assert {c["kind"] for c in costs} == expected
+        assert all(c["latency_ms"] > 0 for c in costs)
+
+
+def test_a_hybrid_costs_its_anchors_segments_plus_the_stitch():
+    torch.manual_seed(0)
+    front, back = split_model(tiny("test_resnet")), split_model(tiny("vit"))
+    h, _ = build_hybrid(front, 1, back, 0, torch.randn(10, 1, 32, 32),
+                        front_name="res", back_name="vit")
+    x = torch.zeros(1, 1, 32, 32)
+    costs = catalog_segment_costs({"res": front, "vit": back}, [h], x, rounds=2)
+    mine = costs[h.name]
+    assert [c["segment_id"] for c in mine] == [*h.segment_ids()[:2], "stitch",
+                                               *h.segment_ids()[2:]]
+    assert mine[2]["kind"] == "conv" and sum(c["flops"] for c in mine) == flops(h, x)
+    assert mine[:2] == costs["res"][:2] and mine[3:] == costs["vit"][1:]
+    assert {"platform", "cpu", "cores", "threads"} <= set(machine())
+
+
+def test_a_catalog_without_segment_costs_still_loads_and_plans(tmp_path):
+    entry = dict(id="a", name="a", kind="anchor", test_acc=0.8, params=1, flops=10**6,
+                 act_peak_bytes=1, latency_ms=2.0, model_bytes=1, segments=["s"])
+    (tmp_path / "catalog.json").write_text(json.dumps({"version": 1, "entries": [entry]}))
+    e = Catalog.load(tmp_path).entries[0]
+    assert e.segment_costs is None
+    c = Candidate.from_entry(e)
+    assert predict_ms(Twin(device_id="d"), c) == 2.0  # the catalog machine's latency
+    assert predict_ms(Twin(device_id="d", gflops=1.0), c) == pytest.approx(1.0)
+
+
+# ---- telemetry_timeout_s: a silent device is offline ------------------------------------
+def test_silent_devices_are_offline_and_get_nothing(catalog, keys, tmp_path):
+    from types import SimpleNamespace
+
+    from fleet_controller.planner import silent
+    from fleet_controller.service import Controller
+    from fleetloop import write_policy
+
+    assert silent(Twin(device_id="d", online=True, last_seen=0.0), 31.0, 30.0)
+    assert not silent(Twin(device_id="d", online=True, last_seen=2.0), 31.0, 30.0)
+    assert not silent(Twin(device_id="d", online=False), 99.0, 30.0)
+    now = [1000.0]
+    policy = write_policy(tmp_path / "fleet.yaml", catalog.root)
+    policy.write_text(policy.read_text() + "telemetry_timeout_s: 30\n")
+    ctl = Controller(policy, tmp_path / "ctl", SimpleNamespace(submit=lambda fn: fn()), keys,
+                     clock=lambda: now[0])
+    ctl.client = SimpleNamespace(publish=lambda *a, **kw: SimpleNamespace(mid=1))
+    try:
+        for dev, seen in (("quiet", 960.0), ("chatty", 990.0)):
+            ctl.twins[dev] = Twin(device_id=dev, online=True, device_class="rpi4",
+                                  mem_mb=4096, gflops=8.0, last_seen=seen)
+        ctl._reconcile_all()
+        assert not ctl.twins["quiet"].online and ctl.twins["chatty"].online
+        assert [d.device_id for d in ctl.store.deployments()] == ["chatty"]
+        assert any(e[2] == "offline" and "silent for 40 s" in e[3] for e in ctl.store.events())
+    finally:
+        ctl.store.close()
