@@ -42,6 +42,7 @@ from stitch_lib.files import atomic_write
 from stitch_lib.inputs import InputSpec
 
 from .cache import SegmentCache, SegmentRegistry
+from .prom import AgentMetrics
 from .resources import Resources
 from .runtime import LatencyWindow, Loaded, ModelSlot, assemble, build_stitch, health_verdict, verify
 from .serving import Prediction, Serving
@@ -118,7 +119,9 @@ class Agent:
         self.registry = registry or SegmentRegistry()
         self.slot = ModelSlot()
         self.latency = LatencyWindow()
-        self.serving = Serving(self.slot, self.latency, cfg.max_queue)
+        self.prom = AgentMetrics(self._tallies)
+        self.serving = Serving(self.slot, self.latency, cfg.max_queue,
+                               observe=self.prom.latency_ms.observe)
         self.worker = worker or ThreadWorker(name=f"agent-{cfg.device_id}")
         self.stats: Counter[str] = Counter()
         self.session = time.time_ns()
@@ -139,6 +142,13 @@ class Agent:
         training data were. Thread-safe; a swap never interrupts a call, and the answer names
         the generation that produced it. Raises serving.BadInput or serving.Unavailable."""
         return self.serving.infer(images)
+
+    def _tallies(self) -> dict[str, int]:
+        """What the Prometheus collector reads at scrape time (from its own thread)."""
+        stats = dict(self.stats)  # one C-level copy: safe across threads
+        return {"requests": self.serving.requests, "errors": self.serving.errors,
+                "swaps": stats.get("SWAPPED", 0), "rollbacks": stats.get("ROLLED_BACK", 0),
+                "refusals": stats.get("refused", 0) + stats.get("replayed", 0)}
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """Replace the device's tags and announce them in a new birth."""
@@ -445,20 +455,22 @@ class Agent:
         _crash_point("swap")  # swapped in memory, not yet recorded on disk
         self.applied = d.generation
         self._ack(d, "SWAPPED", swap_ms=swap_ms)
-        problem = self._health(new)
+        problem, acc = self._health(new)
         if problem is None:
-            self._ack(d, "HEALTHY")
+            self._ack(d, "HEALTHY", probe_acc=acc)
         elif self.slot.previous is None:  # nothing to go back to: better than no model
-            self._ack(d, "FAILED", reason=f"{problem}; no previous model, it keeps serving")
+            self._ack(d, "FAILED", reason=f"{problem}; no previous model, it keeps serving",
+                      probe_acc=acc)
         else:
             self.latency.reset(self.slot.rollback())
-            self._ack(d, "FAILED", reason=problem)
-            self._ack(d, "ROLLED_BACK", reason=problem)
+            self._ack(d, "FAILED", reason=problem, probe_acc=acc)
+            self._ack(d, "ROLLED_BACK", reason=problem, probe_acc=acc)
         self._save()
         self._birth()
 
     @torch.no_grad()
-    def _health(self, new: Loaded) -> str | None:
+    def _health(self, new: Loaded) -> tuple[str | None, float | None]:
+        """(None when healthy, else why; the accuracy on the labelled probes, if any)."""
         for _ in range(self.cfg.health_samples):
             self.latency.add(self.resources.latency_ms(new, self._probe(new.input)), new)
         acc = None
@@ -466,10 +478,10 @@ class Agent:
             x, y = self.cfg.probe
             out = new.module(x)
             if not torch.isfinite(out).all():
-                return "outputs on the probe samples are not finite"
+                return "outputs on the probe samples are not finite", None
             acc = float((out.argmax(1) == y).float().mean())
         return health_verdict(self.latency.percentile(95), new.desired.latency_budget_ms, acc,
-                              new.desired.min_accuracy)
+                              new.desired.min_accuracy), acc
 
     # --- persistence: the running model survives a restart ------------------------------
     def _save(self) -> None:

@@ -45,6 +45,8 @@ def main(argv: list[str]) -> int:
                    help="serve the local inference API on this Unix socket instead")
     p.add_argument("--max-queue", type=int, default=16,
                    help="inference requests that may wait for the model; more get 503")
+    p.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
+                   help="serve Prometheus metrics on 127.0.0.1:PORT (0: off)")
     add_connection_args(p)
     args = p.parse_args(argv)
     setup_logging(args.verbose)
@@ -70,6 +72,13 @@ def main(argv: list[str]) -> int:
             raise SystemExit(f"restnet agent: cannot serve the local API: {exc} (pick another "
                              "--serve-port, or check --serve-socket's directory)") from exc
         api.start()
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+        try:
+            start_http_server(args.metrics_port, addr="127.0.0.1", registry=agent.prom.registry)
+        except OSError as exc:
+            raise SystemExit(f"restnet agent: --metrics-port {args.metrics_port}: {exc}") \
+                from exc
     agent.start(*parse_url(args.broker))
 
     def stop() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -107,8 +108,11 @@ class Serving:
     (a board's cores are shared by one forward pass); at most `max_queue` wait, more are
     refused with Unavailable. Thread-safe."""
 
-    def __init__(self, slot: ModelSlot, latency: LatencyWindow, max_queue: int = 16) -> None:
+    def __init__(self, slot: ModelSlot, latency: LatencyWindow, max_queue: int = 16,
+                 observe: Callable[[float], None] | None = None) -> None:
+        """`observe(ms)` is told each served request's latency (the metrics histogram)."""
         self.slot, self.latency, self.max_queue = slot, latency, max_queue
+        self.observe = observe
         self._lock = threading.Lock()  # the counters
         self._run = threading.Lock()  # one forward pass at a time
         self._pending = 0  # admitted, not finished (waiting or running)
@@ -159,6 +163,8 @@ class Serving:
             with self._lock:
                 self._pending -= 1
         self.latency.add(ms, loaded)
+        if self.observe is not None:
+            self.observe(ms)
         with self._lock:
             self.requests += 1
         return Prediction(probs.argmax(1).tolist(), probs.tolist(), loaded.hybrid,

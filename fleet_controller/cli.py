@@ -25,6 +25,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--retention-days", type=float, default=7.0,
                    help="events and closed deployments older than this are pruned (each "
                         "device's newest deployment stays)")
+    p.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
+                   help="serve Prometheus metrics on 127.0.0.1:PORT (0: off)")
     add_connection_args(p)
     args = p.parse_args(argv)
     if args.retention_days <= 0:
@@ -38,6 +40,13 @@ def main(argv: list[str]) -> int:
                          retention_s=args.retention_days * 86400, **login(args))
     except (PolicyError, FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"restnet controller: {exc}") from exc
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+        try:
+            start_http_server(args.metrics_port, addr="127.0.0.1", registry=ctl.prom.registry)
+        except OSError as exc:
+            raise SystemExit(f"restnet controller: --metrics-port {args.metrics_port}: {exc}") \
+                from exc
     ctl.start(*parse_url(args.broker))
     serve(host, ctl.stop)
     return 0

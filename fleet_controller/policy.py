@@ -108,6 +108,12 @@ class Rollout(_Strict):
     waves: list[int] = Field([10, 50, 100], description="cumulative percent of the devices")
     wave_interval_s: float = Field(10.0, ge=0)
     max_failure_percent: float = Field(20.0, ge=0, le=100)
+    # what released devices serve after their swap (fleet_controller.rollout.kpi_breach)
+    kpi_window_s: float = Field(5.0, ge=0, description="watch each HEALTHY device this long "
+                                "before the next wave")
+    max_error_rate: Fraction = Field(0.05, description="failed share of served requests")
+    max_accuracy_drop: Fraction = Field(0.15, description="probe accuracy under the catalog's "
+                                        "test accuracy by more than this is a breach")
 
     @field_validator("waves")
     @classmethod

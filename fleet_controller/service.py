@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import replace
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,10 +28,11 @@ from stitch_lib.catalog import Catalog, Entry
 
 from .artifacts import Artifacts, unknown_artifact
 from .finetune import Finetuner
-from .planner import Candidate, Twin, learn_speed, plan, plan_inputs, silent
+from .planner import Candidate, Twin, learn_speed, plan, plan_inputs, predict_ms, silent
 from .policy import FleetPolicy, PolicyError, effective_rule, load_policy
+from .prom import ControllerMetrics
 from .ratelog import SampledLog
-from .rollout import SENT, WaveState, next_wave
+from .rollout import KPI, SENT, Served, WaveState, judge, kpi_breach, next_wave
 from .serving import ArtifactServer, ServeLimits
 from .store import OPEN, Deployment, Store
 
@@ -77,6 +79,7 @@ class Controller:
         self.session = time.time_ns()
         self.stats: Counter[str] = Counter()
         self.metrics = Metrics()
+        self.prom = ControllerMetrics(self._tallies)
         self.twins: dict[str, Twin] = {}
         self.sessions: dict[str, int] = {}
         self.device_generation: dict[str, int] = {}  # as devices report it: seeds generations
@@ -96,6 +99,10 @@ class Controller:
         self.rollout: WaveState | None = None
         self.rollout_note = ""
         self._rollout_t0, self._wave_at, self.released = 0.0, None, set()
+        # released devices' served figures since their rollout deployment turned HEALTHY:
+        # device → (generation, figures); and the devices sent back to their last good model
+        self.watch: dict[str, tuple[int, Served]] = {}
+        self.returned: dict[str, str] = {}  # device → why
         self._refresh_candidates()
         self._restore_rollout()
         # the one open deployment per device, mirrored in memory (telemetry is the hot path)
@@ -205,6 +212,15 @@ class Controller:
             self.stats["errors"] += 1
             log.exception("controller: error handling %s", msg.topic)
 
+    def _tallies(self) -> dict:
+        """What the Prometheus collector reads at scrape time (from its own thread)."""
+        stats, m = dict(self.stats), self.metrics  # one C-level copy: safe across threads
+        return {"deployments": self.store.count_by_status(), "desired_bytes": m.desired_bytes,
+                "chunk_bytes": m.chunk_bytes, "adaptations": m.adaptations,
+                "dropped": stats.get("dropped", 0),
+                "rollouts_aborted": stats.get("rollouts_aborted", 0),
+                "art": {k[4:]: n for k, n in stats.items() if k.startswith("art_")}}
+
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         nbytes = self._chunk_mids.pop(mid, None)
         if nbytes is not None:
@@ -258,7 +274,14 @@ class Controller:
         twin.mem_free_mb, twin.lat_p50_ms, twin.lat_p95_ms = m.mem_free_mb, m.lat_p50_ms, m.lat_p95_ms
         entry = self.entries.get(m.hybrid or "")
         if entry is not None and m.lat_p50_ms:
-            twin.speed = learn_speed(twin, Candidate.from_entry(entry), m.lat_p50_ms)
+            c = Candidate.from_entry(entry)
+            self.prom.cost_error.observe(abs(predict_ms(twin, c) - m.lat_p50_ms) / m.lat_p50_ms)
+            twin.speed = learn_speed(twin, c, m.lat_p50_ms)
+        watched = self.watch.get(device)
+        if watched is not None and m.generation == watched[0]:
+            self._watch(device, watched[0], replace(
+                watched[1], lat_p95_ms=m.lat_p95_ms, requests=watched[1].requests + m.requests,
+                errors=watched[1].errors + m.req_errors))
         self._reconcile(device, now, trigger=m.ts)
 
     def _on_ack(self, device: str, a: Ack, now: float) -> None:
@@ -277,7 +300,18 @@ class Controller:
             self.metrics.adaptations += 1
             if trigger is not None:
                 self.metrics.reactions_ms.append((now - trigger) * 1e3)
+                self.prom.reaction_ms.observe((now - trigger) * 1e3)
+            if a.probe_acc is not None:
+                self.prom.probe_accuracy.observe(a.probe_acc)
             self._save_twin(twin)
+            if (self.rollout is not None and device in self.released
+                    and device not in self.returned and dep.created >= self._rollout_t0):
+                rule = self._rule(self.policy, device, twin)
+                entry = self.entries.get(dep.hybrid)
+                self._watch(device, dep.generation, Served(
+                    since=now, expected_acc=entry.test_acc if entry else 0.0,
+                    budget_ms=(rule.latency_p95_ms if math.isfinite(rule.latency_p95_ms)
+                               else None), probe_acc=a.probe_acc))
         elif a.status in ("FAILED", "ROLLED_BACK"):
             self.metrics.failures += a.status == "FAILED"
             self.avoid[device][dep.hybrid] = now + AVOID_S
@@ -363,8 +397,8 @@ class Controller:
                 return
             self._planned[device] = inputs
         policy = self.policy
-        if self.rollout is not None and device not in self.released:
-            policy = self.old_policy  # not in a wave yet: the old policy still applies
+        if self.rollout is not None and (device not in self.released or device in self.returned):
+            policy = self.old_policy  # not in a wave yet, or sent back: the old policy applies
         rule = self._rule(policy, device, twin)
         avoid = {h for h, until in self.avoid.get(device, {}).items() if until > now}
         decision = plan(twin, [c for c in self.candidates if c.id not in avoid], rule, now)
@@ -490,6 +524,7 @@ class Controller:
         now = self.clock()
         online = tuple(sorted(d for d, t in self.twins.items() if t.online))
         self.rollout, self.released = WaveState(online, {}, {}), set()
+        self.watch, self.returned = {}, {}
         self.rollout_note = ""
         self._rollout_t0, self._wave_at = now, None
         log.info("policy reloaded from %s; rolling out to %d devices", self.policy_path,
@@ -503,7 +538,8 @@ class Controller:
         self.store.put_meta("rollout", None if self.rollout is None else {
             "old_policy": self.old_policy.model_dump(mode="json"), "t0": self._rollout_t0,
             "wave_at": self._wave_at, "devices": list(self.rollout.devices),
-            "released": sorted(self.released), "note": self.rollout_note})
+            "released": sorted(self.released), "returned": self.returned,
+            "note": self.rollout_note})
 
     def _restore_rollout(self) -> None:
         doc = self.store.meta("rollout")
@@ -513,11 +549,20 @@ class Controller:
         self.rollout = WaveState(tuple(doc["devices"]), {}, {})
         self._rollout_t0, self._wave_at = doc["t0"], doc["wave_at"]
         self.released, self.rollout_note = set(doc["released"]), doc["note"]
+        self.returned = dict(doc.get("returned", {}))
         log.info("resuming the policy rollout: %d of %d devices released", len(self.released),
                  len(self.rollout.devices))
 
+    def _watch(self, device: str, generation: int, served: Served) -> None:
+        """Keep a released device's served figures; a breach is acted on at once."""
+        self.watch[device] = (generation, served)
+        if kpi_breach(served, self.policy.rollout) is not None:
+            self._advance_rollout()
+
     def _advance_rollout(self) -> None:
-        """Release the next wave when it is due, or stop on too many failures."""
+        """Release the next wave when it is due, or stop on too many failures: a device whose
+        served figures breach a KPI goes back to its last good model at once, and on an abort
+        every released device does."""
         if self.rollout is None or self.stopped or self.rollout_note.startswith("aborted"):
             return
         now, status = self.clock(), {}
@@ -525,7 +570,15 @@ class Controller:
             deps = [x for x in self.store.deployments(d) if x.created >= self._rollout_t0]
             last = deps[-1].status if deps else "HEALTHY"  # nothing to change: done
             status[d] = SENT if last in OPEN else last
-        self.rollout = WaveState(self.rollout.devices, {}, status)
+        status.update({d: KPI for d in self.returned})  # a return deployment changes nothing
+        served = {d: s for d, (_, s) in self.watch.items() if d in self.released}
+        self.rollout = judge(WaveState(self.rollout.devices, {}, status, served,
+                                       dict(self.returned)), self.policy.rollout)
+        breached = {d: why for d, why in self.rollout.reasons.items() if d not in self.returned}
+        for d, why in breached.items():
+            self.stats["kpi_breaches"] += 1
+            log.warning("rollout: %s breaches a KPI: %s", d, why)
+            self._return(d, why, now)
         batch, self.rollout_note = next_wave(self.rollout, self.policy.rollout, now,
                                              self._wave_at)
         if batch:
@@ -537,12 +590,47 @@ class Controller:
                 self._reconcile_guarded(d, now)
         elif self.rollout_note == "done":
             self.rollout = self.old_policy = None
+            self.watch, self.returned = {}, {}
             self._save_rollout()
         elif self.rollout_note.startswith("aborted"):
+            self.stats["rollouts_aborted"] += 1
+            for d in sorted(self.released - set(self.returned)):
+                self._return(d, "rollout halted", now)
             self._save_rollout()
             self.store.event(now, None, "rollout", self.rollout_note)
-            log.error("policy rollout %s; devices not yet released keep the old policy",
-                      self.rollout_note)
+            log.error("policy rollout %s; released devices return to their last good model, "
+                      "the others keep the old policy", self.rollout_note)
+        elif breached:
+            self._save_rollout()
+
+    def _return(self, device: str, why: str, now: float) -> None:
+        """Send a released device back to what it ran before the rollout (its last HEALTHY
+        deployment before it, from the store: the same entry and stitch artifact) under the
+        old policy, avoiding the model it was moved to."""
+        self.returned[device] = why
+        self.watch.pop(device, None)
+        deps = self.store.deployments(device)
+        moved = [d for d in deps if d.created >= self._rollout_t0]
+        for dep in moved:
+            self.avoid[device][dep.hybrid] = now + AVOID_S
+        before = [d for d in deps if d.created < self._rollout_t0 and d.status == "HEALTHY"]
+        entry = self.entries.get(before[-1].hybrid) if before else None
+        if not moved:
+            return  # the rollout changed nothing on it
+        if entry is None:
+            self.store.event(now, device, "returned", f"{why}; no earlier model known: the old "
+                             "policy decides")
+            return
+        if before[-1].artifact and before[-1].artifact != entry.artifact and (
+                self.catalog.root / "artifacts" / f"{before[-1].artifact}.safetensors").is_file():
+            entry = replace(entry, artifact=before[-1].artifact)  # the stitch it ran then
+        dep = self.open.get(device)
+        if dep is not None:
+            self._settle(dep, "CANCELLED", now, f"rollout: {why}")
+        self.store.event(now, device, "returned", f"to {entry.name}: {why}")
+        log.warning("rollout: %s returns to %s: %s", device, entry.name, why)
+        self._deploy(device, entry, self._rule(self.old_policy, device, self._twin(device)),
+                     f"back to the last good model: {why}", None, now, None)
 
     def _finetune_next(self) -> None:
         if not self.finetune_queue:

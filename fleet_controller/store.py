@@ -132,6 +132,10 @@ class Store:
                          "ORDER BY created")
         return dict(rows)
 
+    def count_by_status(self) -> dict[str, int]:
+        """Deployments kept, by status."""
+        return dict(self._run("SELECT status, COUNT(*) FROM deployments GROUP BY status"))
+
     def last_generation(self, device_id: str) -> int:
         row = self._run("SELECT MAX(generation) FROM deployments WHERE device_id=?", (device_id,))
         return row[0][0] or 0

@@ -148,6 +148,8 @@ class Ack(Wire):
     done: int | None = Field(None, ge=0, le=512)  # FETCHING: n of N segments are in the cache
     total: int | None = Field(None, ge=0, le=512)  # (a Desired has at most 2 x 256 segments)
     swap_ms: Millis | None = None
+    # HEALTHY, FAILED and ROLLED_BACK after a health check: accuracy on the labelled probes
+    probe_acc: Fraction | None = None
 
 
 class ArtifactRequest(Wire):

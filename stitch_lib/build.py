@@ -225,6 +225,7 @@ def build_catalog(zoo: Zoo | list[Anchor], splits: DataSplits, catalog: Catalog,
                 continue
             res = finetune_stitch(h, splits, cfg.ft, cache=cache, teacher=teacher, progress=progress)
             e.val_acc, e.test_acc, e.stitch_state = res.val_acc, evaluate(h, splits.test), "finetuned"
+            e.finetune_seconds = res.seconds
             log.info("fine-tuned %s: val %.4f -> %.4f in %.1f s", e.name, e.init_val_acc,
                      res.val_acc, res.seconds)
 

@@ -111,6 +111,7 @@ class StitchAware:
     temperature: float = 4.0
     teacher: str | None = None  # default: the anchor with the most FLOPs
     hybrids_per_step: int = 1
+    back_learns: bool = True  # False: the hybrid's loss trains the front and the stitch only
 
     def __post_init__(self) -> None:
         if not 0 < self.weight <= 4 or not 0 <= self.distill <= 1 or self.temperature <= 0:
@@ -140,15 +141,19 @@ def make_stitches(segments: dict[str, list[Segment]], points: list[Point],
                       segments[p.back][p.j].port(outs[p.back][p.j])) for p in points}
 
 
-def _tail(segments: list[Segment], j: int, x: torch.Tensor) -> torch.Tensor:
+def _tail(segments: list[Segment], j: int, x: torch.Tensor, learns: bool = True) -> torch.Tensor:
     """The back anchor's rest on a hybrid's activation, its normalisation statistics left
-    untouched (eval mode), gradients flowing."""
+    untouched (eval mode); gradients flow to `x`, and into the back's weights when `learns`."""
     modes = [s.training for s in segments]
     for s in segments[j + 1:]:
         s.eval()
     try:
         for s in segments[j + 1:]:
-            x = s(x)
+            if learns:
+                x = s(x)
+            else:
+                frozen = {k: v.detach() for k, v in s.state_dict(keep_vars=True).items()}
+                x = torch.func.functional_call(s, frozen, (x,))
     finally:
         for s, m in zip(segments, modes):
             s.train(m)
@@ -203,7 +208,8 @@ def cotrain(segments: dict[str, list[Segment]], splits: DataSplits, cfgs: dict[s
             target = bounds[teacher][-1].detach()
             for k in torch.randint(len(points), (sa.hybrids_per_step,), generator=g).tolist():
                 p = points[k]
-                logits = _tail(segments[p.back], p.j, stitches[p.key](bounds[p.front][p.i]))
+                logits = _tail(segments[p.back], p.j, stitches[p.key](bounds[p.front][p.i]),
+                               sa.back_learns)
                 hybrid_loss = ((1 - sa.distill) * F.cross_entropy(logits, y)
                                + sa.distill * distill_loss(logits, target, sa.temperature))
                 loss = loss + sa.weight * hybrid_loss / sa.hybrids_per_step

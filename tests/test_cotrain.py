@@ -53,6 +53,11 @@ def test_the_hybrid_path_leaves_the_back_statistics_alone():
     assert any(k.endswith("running_mean") for k in before)
     assert all(s.training for s in segs)  # modes restored
     assert x.grad is not None and any(p.grad is not None for p in segs[1].parameters())
+    for s in segs:
+        s.zero_grad(set_to_none=True)
+    x.grad = None
+    _tail(segs, 0, x, learns=False).sum().backward()  # the back stays as trained alone
+    assert x.grad is not None and all(p.grad is None for s in segs for p in s.parameters())
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ import json
 import time
 
 import pytest
+import torch
 import yaml
 
 from device_agent.cache import SegmentCache
@@ -158,3 +159,77 @@ def test_a_policy_change_rolls_out_in_waves(broker, catalog, tmp_path, keys):
         assert any("wave 1/2" in e[3] for e in ctl.store.events())
     finally:
         lp.close()
+
+
+def test_a_hybrid_that_serves_badly_halts_the_rollout_in_its_first_wave(broker, catalog, tmp_path,
+                                                                        keys, splits):
+    """A correctly signed hybrid whose stitch is all zeros installs fine, but its probe
+    accuracy is far under the catalog's: the first wave's device reports it, the rollout halts
+    and that device goes back to what it ran; nobody else is touched."""
+    cheapest = min((e for e in catalog.entries if e.stitch_state != "ls"), key=lambda e: e.flops)
+    bad = next(h for h in catalog.hybrids if h.flops > cheapest.flops)
+    zeros = {k: torch.zeros_like(v) for k, v in catalog.load_artifact(bad.artifact).items()}
+    bad.artifact = catalog.put_artifact(zeros)
+    bad.test_acc, bad.stitch_state = 0.99, "finetuned"  # the best model, on paper
+    catalog.save()
+    lp = Loop(broker, catalog, tmp_path, keys, objective="min_energy")
+    doc = yaml.safe_load(lp.policy.read_text())
+    doc["rollout"] = {"waves": [25, 100], "wave_interval_s": 1, "max_failure_percent": 20,
+                      "kpi_window_s": 60}
+    lp.policy.write_text(yaml.safe_dump(doc))
+    x, y = splits.test.x[:40], splits.test.y[:40]
+
+    def served_accuracy(agent):
+        with torch.no_grad():
+            return float((agent.slot.get().module(x).argmax(1) == y).float().mean())
+
+    try:
+        ctl = lp.start_controller()
+        agents = [lp.add_agent(f"rpi4-20{k}", probe=(x, y), num_classes=10) for k in range(4)]
+        lp.run_until(lambda: all(lp.running(a.cfg.device_id) == cheapest.id for a in agents)
+                     and not ctl.open)
+        before = [served_accuracy(a) for a in agents]
+        doc["defaults"]["objective"] = "max_accuracy"  # the operator edits fleet.yaml
+        lp.policy.write_text(yaml.safe_dump(doc))
+        lp.run_until(lambda: ctl.rollout_note.startswith("aborted") and not ctl.open
+                     and all(lp.running(a.cfg.device_id) == cheapest.id for a in agents),
+                     timeout=60)
+        assert sorted(ctl.released) == ["rpi4-200"]  # the first wave only
+        first = ctl.store.deployments("rpi4-200")
+        assert [(d.hybrid, d.status) for d in first] == [
+            (cheapest.id, "HEALTHY"), (bad.id, "HEALTHY"), (cheapest.id, "HEALTHY")]
+        assert "probe accuracy" in first[-1].reason
+        assert all(len(ctl.store.deployments(a.cfg.device_id)) == 1 for a in agents[1:])
+        assert [served_accuracy(a) for a in agents] == before
+        halted = [e for e in ctl.store.events() if e[2] == "rollout" and "aborted" in e[3]]
+        assert len(halted) == 1 and "rpi4-200: probe accuracy" in halted[0][3]
+        assert ctl.stats["rollouts_aborted"] == 1 and ctl.stats["kpi_breaches"] == 1
+    finally:
+        lp.close()
+
+
+def test_controller_metrics_move_with_a_deployment(loop):
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape():
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(
+                    generate_latest(ctl.prom.registry).decode()) for s in f.samples}
+
+    ctl = loop.start_controller()
+    assert scrape()[("restnet_controller_reaction_ms_count", ())] == 0
+    agent = loop.add_agent("rpi4-300")
+    loop.run_until(lambda: healthy(agent) >= 1 and not ctl.open)
+    loop.run_until(lambda: scrape()[("restnet_controller_cost_error_ratio_count", ())] >= 1)
+    got = scrape()
+    assert got[("restnet_controller_deployments", (("status", "HEALTHY"),))] == 1
+    assert got[("restnet_controller_bytes_sent_total", (("kind", "desired"),))] > 0
+    assert got[("restnet_controller_adaptations_total", ())] == 1
+    assert got[("restnet_controller_reaction_ms_count", ())] == 1
+    agent.infer(torch.zeros(2, 32, 32, dtype=torch.uint8))
+    served = {s.name: s.value for f in text_string_to_metric_families(
+        generate_latest(agent.prom.registry).decode()) for s in f.samples}
+    assert served["restnet_agent_requests_total"] == 1
+    assert served["restnet_agent_swaps_total"] == 1
+    assert served["restnet_agent_served_latency_ms_count"] == 1

@@ -9,7 +9,7 @@ import pytest
 from fleet_controller.planner import (Candidate, Speeds, Term, Twin, explain, learn_speed,
                                       plan, predict_ms)
 from fleet_controller.policy import BatteryMode, ResolvedRule, Rollout
-from fleet_controller.rollout import WaveState, next_wave
+from fleet_controller.rollout import MIN_REQUESTS, Served, WaveState, kpi_breach, next_wave
 
 MB = 1 << 20
 
@@ -298,6 +298,35 @@ def test_failures_abort_the_rollout():
     s = state(**{d: "HEALTHY" for d in DEVICES[:3]}, d3="FAILED", d4="ROLLED_BACK")
     assert next_wave(s, ROLL, 50.0, 0.0)[1].startswith("aborted: 2 of 5")
     assert next_wave(state(d0="sent"), ROLL, 50.0, 0.0)[0]  # nothing finished yet: go on
+
+
+def test_kpi_breaches_on_served_figures():
+    ok = Served(since=0.0, expected_acc=0.9, budget_ms=20.0, probe_acc=0.8, lat_p95_ms=19.0,
+                requests=MIN_REQUESTS, errors=1)
+    assert kpi_breach(ok, ROLL) is None  # 0.8 ≥ 0.9 - 0.15; 5% errors is not above 5%
+    assert "probe accuracy 0.100" in kpi_breach(Served(0.0, 0.9, probe_acc=0.1), ROLL)
+    assert "error rate 2/20" in kpi_breach(Served(0.0, 0.9, requests=20, errors=2), ROLL)
+    assert kpi_breach(Served(0.0, 0.9, requests=MIN_REQUESTS - 1, errors=9), ROLL) is None
+    assert "p95 31.0 ms > budget 20.0" in kpi_breach(
+        Served(0.0, 0.9, budget_ms=20.0, lat_p95_ms=31.0), ROLL)
+    assert kpi_breach(Served(0.0, 0.9, lat_p95_ms=1e6), ROLL) is None  # no budget
+
+
+def test_a_kpi_breach_in_the_first_wave_aborts_and_says_why():
+    bad = Served(since=1.0, expected_acc=0.99, probe_acc=0.1)
+    s = WaveState(DEVICES, {}, {"d0": "HEALTHY"}, {"d0": bad})
+    batch, why = next_wave(s, ROLL, 50.0, 0.0)
+    assert batch == [] and why.startswith("aborted: 1 of 1 finished devices failed")
+    assert "d0: probe accuracy 0.100 < 0.990" in why
+
+
+def test_the_next_wave_waits_while_healthy_devices_are_watched():
+    roll = Rollout(waves=[10, 100], wave_interval_s=1, kpi_window_s=10)
+    good = Served(since=5.0, expected_acc=0.9, probe_acc=0.9)
+    s = WaveState(DEVICES, {}, {"d0": "HEALTHY"}, {"d0": good})
+    batch, why = next_wave(s, roll, 12.0, 0.0)  # interval passed, window not yet
+    assert batch == [] and why.startswith("waiting 3.0 s before wave 2/2")
+    assert next_wave(s, roll, 15.0, 0.0)[0] == list(DEVICES[1:])
 
 
 def test_plan_inputs_ignore_noise_but_see_real_changes():
