@@ -32,7 +32,7 @@ import yaml
 from stitch_lib.build import BuildConfig, build_catalog, spearman
 from stitch_lib.catalog import Catalog, usefulness
 from stitch_lib.cost import flops
-from stitch_lib.cotrain import make_stitches
+from stitch_lib.cotrain import StitchAware, make_stitches
 from stitch_lib.data import load_fashion_mnist, make_splits
 from stitch_lib.stitch import build_hybrid
 from stitch_lib.train import FrontCache, TrainConfig, evaluate, finetune_full, finetune_stitch
@@ -67,12 +67,13 @@ def splits_of(spec: ZooSpec):
     return make_splits(**data), data
 
 
-def summary(name: str, cat: Catalog, seconds: float) -> list:
+def summary(name: str, cat: Catalog, seconds: float | None) -> list:
     u = usefulness(cat.entries)["flops"]
     margin = u["chord_margin_min"]
     return [name, " / ".join(f"{a.name} {pct(a.test_acc)}" for a in cat.anchors),
             len(cat.hybrids), len(u["useful"]), f"{u['coverage']:.0%}",
-            "—" if margin is None else f"{100 * margin:+.2f}", f"{seconds:.0f}"]
+            "—" if margin is None else f"{100 * margin:+.2f}",
+            "—" if seconds is None else f"{seconds:.0f}"]
 
 
 def against_apart(cat: Catalog, apart: Catalog) -> list:
@@ -85,10 +86,18 @@ def against_apart(cat: Catalog, apart: Catalog) -> list:
             "—" if margin is None else f"{100 * margin:+.2f}"]
 
 
-def timed_build(zoo: Zoo, splits, root: Path, cfg: BuildConfig, data) -> tuple[Catalog, float]:
+def timed_build(zoo: Zoo, splits, root: Path, cfg: BuildConfig, data,
+                reuse: Path | None = None) -> tuple[Catalog, float | None]:
+    """Build a row's catalog, or load the one an earlier run of this bench left in `reuse`."""
+    if reuse is not None and (reuse / root.name / "catalog.json").is_file():
+        seconds = reuse / root.name / "build_seconds"
+        return (Catalog.load(reuse / root.name),
+                float(seconds.read_text()) if seconds.is_file() else None)
     t0 = time.perf_counter()
     cat = build_catalog(zoo, splits, Catalog(root), cfg, data=data)
-    return cat, time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    (root / "build_seconds").write_text(f"{seconds:.1f}")
+    return cat, seconds
 
 
 def fresh(zoo: Zoo, splits) -> Zoo:
@@ -137,33 +146,40 @@ def main() -> None:
     p.add_argument("--home", type=Path, default=ROOT / ".restnet")
     p.add_argument("--rows", choices=("all", "quick"), default="all",
                    help="quick: only the default recipe and the anchors-apart baseline")
+    p.add_argument("--reuse", type=Path,
+                   help="a work folder of an earlier run: reuse the row catalogs it holds")
+    p.add_argument("--same-cost", type=int, default=0,
+                   help="compare only this many useful hybrids, spread over cost (0: all)")
     args = p.parse_args()
     torch.manual_seed(0)
     spec = load_zoo(args.zoo)
-    if spec.stitch_aware is None:
-        raise SystemExit("the bench compares stitch-aware anchors with anchors trained apart: "
-                         "give the zoo a `stitch_aware:` block")
+    if spec.train is None:
+        raise SystemExit("the bench compares anchors trained apart with stitch-aware ones under "
+                         "one budget: give the zoo a top-level `train:`")
     apart_spec = dataclasses.replace(spec, stitch_aware=None)
+    sa_spec = dataclasses.replace(spec, stitch_aware=spec.stitch_aware or StitchAware())
     splits, data = splits_of(spec)
     cfg = BuildConfig()  # the CLI defaults
-    emit(f"Command: `python bench/stitch_bench.py --rows {args.rows}` (zoo `{args.zoo.name}`, "
+    emit(f"Command: `python bench/stitch_bench.py --rows {args.rows} --same-cost "
+         f"{args.same_cost}{' --reuse DIR' if args.reuse else ''}` (zoo `{args.zoo.name}`, "
          f"{torch.get_num_threads()} threads, data {splits.fingerprint}; fine-tuning "
          f"{cfg.ft.steps} steps of {cfg.ft.batch_size}, lr {cfg.ft.lr}).")
     emit()
     t0 = time.perf_counter()
-    sa = build_zoo(spec, splits, args.home / "anchors")
+    sa = build_zoo(sa_spec, splits, args.home / "anchors")
     t_sa = time.perf_counter() - t0
     t0 = time.perf_counter()
     apart = build_zoo(apart_spec, splits, args.home / "anchors")
     t_apart = time.perf_counter() - t0
     work = Path(tempfile.mkdtemp(prefix="stitch-bench-"))
 
-    # 1. the ablation: one row per recipe
+    # 1. the ablation: one row per recipe, the zoo's own (the CLI defaults) first
     rows, cats = [], {}
-    recipes = [("stitch-aware anchors, co-trained or LS start, stitch fine-tuned (default)",
-                sa, cfg)]
-    recipes.append(("anchors apart, CKA screen + LS rank (both directions), stitch fine-tuned",
-                    apart, cfg))
+    apart_row = ("anchors apart, CKA screen + LS rank (both directions), stitch fine-tuned",
+                 apart, cfg)
+    sa_row = ("stitch-aware anchors, co-trained or LS start, stitch fine-tuned", sa, cfg)
+    recipes = [sa_row, apart_row] if spec.stitch_aware else [apart_row, sa_row]
+    default = sa if spec.stitch_aware else apart
     if args.rows == "all":
         recipes += [
             ("anchors apart, the stitch-aware points, LS start, stitch fine-tuned",
@@ -172,11 +188,11 @@ def main() -> None:
              dataclasses.replace(cfg, finetune="none")),
         ]
     for k, (name, zoo, c) in enumerate(recipes):
-        cat, secs = timed_build(zoo, splits, work / f"row{k}", c, data)
+        cat, secs = timed_build(zoo, splits, work / f"row{k}", c, data, args.reuse)
         cats[name] = cat
         rows.append(summary(name, cat, secs))
-    apart_cat = cats[recipes[1][0]]
-    rows = [r + (against_apart(cats[r[0]], apart_cat) if r[0] != recipes[1][0] else
+    apart_cat = cats[apart_row[0]]
+    rows = [r + (against_apart(cats[r[0]], apart_cat) if r[0] != apart_row[0] else
                  ["", "", ""]) for r in rows]
     emit("### Ablation: which recipe makes hybrids useful")
     emit(f"Anchor training: stitch-aware {sa.info.get('seconds', t_sa):.0f} s for all three "
@@ -192,7 +208,7 @@ def main() -> None:
     u = usefulness(cat.entries)
     good = [cat.get(n) for n in u["flops"]["useful"]]
     anc = {e.name: e for e in cat.anchors}
-    emit("### The default catalog (CLI defaults)")
+    emit(f"### The default catalog (CLI defaults: {recipes[0][0]})")
     table(["hybrid", "start", "acc start", "acc", "MFLOPs", "latency ms", "delta B",
            "delta / hybrid", "useful (FLOPs / latency)", "frontier − line (points)"],
           [[e.name, e.init, pct(e.ls_test_acc), pct(e.test_acc), f"{e.flops / 1e6:.1f}",
@@ -223,17 +239,17 @@ def main() -> None:
     ])
 
     # 3. stitch-only against full fine-tuning of useful hybrids, same start and steps
-    by_name = {a.spec.name: a for a in sa.anchors}
+    by_name = {a.spec.name: a for a in default.anchors}
     emit("### Stitch-only against full fine-tuning (useful hybrids, same start, same steps)")
     rows = []
     for e in sorted(good, key=lambda e: -e.test_acc)[:2]:
         a, b = by_name[e.front], by_name[e.back]
         h, _ = build_hybrid(a.segments, e.i, b.segments, e.j, splits.calib.x,
                             front_name=e.front, back_name=e.back)
-        point = next(q for q in sa.stitches if (q.front, q.i, q.back, q.j) ==
-                     (e.front, e.i, e.back, e.j))
         if e.init == "co-trained":
-            h.stitch.load_state_dict(sa.stitches[point].state_dict())
+            point = next(q for q in default.stitches if (q.front, q.i, q.back, q.j) ==
+                         (e.front, e.i, e.back, e.j))
+            h.stitch.load_state_dict(default.stitches[point].state_dict())
         full_h = copy.deepcopy(h)
         t0 = time.perf_counter()
         finetune_stitch(h, splits, cfg.ft, cache=FrontCache())  # the front cache included
@@ -247,21 +263,25 @@ def main() -> None:
 
     # 4. the same-cost baseline: a model of the hybrid's FLOPs trained from scratch
     emit("### Same-cost baseline: a ResNet-18 of scaled width, FLOPs within 10%, trained from "
-         "scratch for the hybrid's stitch fine-tuning time (and for 3× that)")
+         "scratch for the hybrid's stitch fine-tuning time")
     rows, wins = [], 0
     x1 = splits.calib.x[:1]
-    for e in good:
+    compared = good
+    if args.same_cost and len(good) > args.same_cost:
+        step = (len(good) - 1) / (args.same_cost - 1) if args.same_cost > 1 else 0
+        compared = [good[round(k * step)] for k in range(args.same_cost)]
+    for e in compared:
         t_s = e.finetune_seconds
         model, f, w = same_cost_model(e.flops, splits.in_chans, splits.num_classes, x1)
-        accs = [train_for(copy.deepcopy(model).train(), splits, k * t_s, 2e-3,
-                          spec.train.augment) for k in (1, 3)]
-        wins += e.test_acc > accs[0]
+        acc = train_for(copy.deepcopy(model).train(), splits, t_s, 2e-3, spec.train.augment)
+        wins += e.test_acc > acc
         rows.append([e.name, f"{e.flops / 1e6:.1f}", pct(e.test_acc), f"{t_s:.0f}",
-                     f"width {w}, {f / 1e6:.1f} MFLOPs", pct(accs[0]), pct(accs[1]),
-                     "hybrid" if e.test_acc > accs[0] else "baseline"])
+                     f"width {w}, {f / 1e6:.1f} MFLOPs", pct(acc),
+                     "hybrid" if e.test_acc > acc else "baseline"])
     table(["hybrid", "MFLOPs", "hybrid acc", "stitch s", "same-cost model", "acc (same time)",
-           "acc (3× time)", "winner (same time)"], rows)
-    emit(f"The hybrid wins {wins} of {len(good)} same-time comparisons.")
+           "winner"], rows)
+    emit(f"The hybrid wins {wins} of {len(compared)} same-time comparisons "
+         f"({len(good)} useful hybrids).")
     emit()
 
     # 5. a second task: the same defaults on a tenth of Fashion-MNIST's training images
@@ -271,14 +291,14 @@ def main() -> None:
     np.savez(npz, x=train_set.x[idx, 0].numpy(), y=train_set.y[idx].numpy())
     spec2 = dataclasses.replace(spec, dataset=str(npz), n_calib=None, n_val=None, n_test=None)
     splits2, data2 = splits_of(spec2)
-    sa2 = build_zoo(spec2, splits2, work / "anchors2")
-    cat2, secs = timed_build(sa2, splits2, work / "second", cfg, data2)
+    zoo2 = build_zoo(spec2, splits2, work / "anchors2")
+    cat2, secs = timed_build(zoo2, splits2, work / "second", cfg, data2)
     emit("### A second task: a tenth of Fashion-MNIST's training images as an .npz, the same "
          f"defaults ({len(splits2.train)} train / {len(splits2.val)} val / "
          f"{len(splits2.test)} test)")
     table(["recipe", "anchors (test acc)", "hybrids", "useful (FLOPs)", "coverage (FLOPs)",
            "frontier − line, min (points)", "catalog build s"],
-          [summary("stitch-aware defaults", cat2, secs)])
+          [summary(recipes[0][0], cat2, secs)])
 
     text = (ROOT / "docs" / "results.md").read_text()
     block = "<!-- stitch-bench -->\n" + "\n".join(out_lines) + "\n<!-- /stitch-bench -->"
