@@ -28,7 +28,7 @@ from .cost import flops
 from .data import DataSplits
 from .segments import Port, Segment
 from .stitch import Hybrid, Stitch, boundary_outputs, can_stitch
-from .train import TrainConfig, _cosine, _subset, augment, distill_loss, evaluate
+from .train import TrainConfig, _cosine, _step, _subset, augment, distill_loss, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -213,12 +213,7 @@ def cotrain(segments: dict[str, list[Segment]], splits: DataSplits, cfgs: dict[s
                 hybrid_loss = ((1 - sa.distill) * F.cross_entropy(logits, y)
                                + sa.distill * distill_loss(logits, target, sa.temperature))
                 loss = loss + sa.weight * hybrid_loss / sa.hybrids_per_step
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if progress:
-                progress.advance(task)
+            _step(loss, opt, sched, progress, task)
         for n in names:
             history[n].append(evaluate(models[n], splits.val))
         log.info("stitch-aware epoch %d: %s", epoch + 1,
