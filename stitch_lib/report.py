@@ -7,6 +7,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from .catalog import Catalog, usefulness  # noqa: E402
@@ -67,6 +68,9 @@ def plot_pareto(cat: Catalog, path: Path) -> Path:
             ax.annotate(e.name, (getattr(e, cost) / scale, e.test_acc * 100),
                         textcoords="offset points", xytext=(5, 5), fontsize=9)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(
+            lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
         good = [cat.get(n) for n in usefulness(cat.entries)[cost]["useful"]]
         ax.scatter([getattr(e, cost) / scale for e in good], [e.test_acc * 100 for e in good],
                    marker="o", s=140, facecolors="none", edgecolors="tab:red",
