@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from fleet_protocol.mqtt import (ClientHost, add_connection_args, login, parse_url, serve,
-                                 setup_logging)
+                                 serve_metrics, setup_logging)
 from fleet_protocol.signing import load_public
 from stitch_lib.catalog import Catalog
 
@@ -72,13 +72,7 @@ def main(argv: list[str]) -> int:
             raise SystemExit(f"restnet agent: cannot serve the local API: {exc} (pick another "
                              "--serve-port, or check --serve-socket's directory)") from exc
         api.start()
-    if args.metrics_port:
-        from prometheus_client import start_http_server
-        try:
-            start_http_server(args.metrics_port, addr="127.0.0.1", registry=agent.prom.registry)
-        except OSError as exc:
-            raise SystemExit(f"restnet agent: --metrics-port {args.metrics_port}: {exc}") \
-                from exc
+    serve_metrics("restnet agent", args.metrics_port, agent.prom.registry)
     agent.start(*parse_url(args.broker))
 
     def stop() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fleet_protocol.brokerconf import CONTROLLER, TlsFiles, write_broker_config
 from fleet_protocol.mqtt import (ClientHost, add_connection_args, login, parse_url, serve,
-                                 setup_logging)
+                                 serve_metrics, setup_logging)
 from fleet_protocol.signing import KeyDir
 from fleet_protocol.topics import DEFAULT_ROOT, Topics
 
@@ -40,13 +40,7 @@ def main(argv: list[str]) -> int:
                          retention_s=args.retention_days * 86400, **login(args))
     except (PolicyError, FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"restnet controller: {exc}") from exc
-    if args.metrics_port:
-        from prometheus_client import start_http_server
-        try:
-            start_http_server(args.metrics_port, addr="127.0.0.1", registry=ctl.prom.registry)
-        except OSError as exc:
-            raise SystemExit(f"restnet controller: --metrics-port {args.metrics_port}: {exc}") \
-                from exc
+    serve_metrics("restnet controller", args.metrics_port, ctl.prom.registry)
     ctl.start(*parse_url(args.broker))
     serve(host, ctl.stop)
     return 0

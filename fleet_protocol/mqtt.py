@@ -405,6 +405,18 @@ def setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
+def serve_metrics(prog: str, port: int, registry) -> None:
+    """Expose a prometheus_client `registry` on 127.0.0.1:`port` (0: off); SystemExit naming
+    the flag when the port cannot be bound."""
+    if not port:
+        return
+    from prometheus_client import start_http_server
+    try:
+        start_http_server(port, addr="127.0.0.1", registry=registry)
+    except OSError as exc:
+        raise SystemExit(f"{prog}: --metrics-port {port}: {exc}") from exc
+
+
 def serve(host: ClientHost, on_exit: Callable[[], None]) -> None:
     """Run `host` in this thread until SIGTERM or Ctrl-C, then `on_exit()` and a last flush
     (how a board's agent and a controller process run)."""

@@ -15,7 +15,7 @@ import platform
 import statistics
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -77,23 +77,30 @@ def peak_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def latencies_ms(models: Mapping[str, nn.Module], x: torch.Tensor, rounds: int = 30,
-                 warmup: int = 3, threads: int = 1) -> dict[str, float]:
-    """Median batch-1 latency of each model in ms, measured interleaved round by round so
-    that machine noise falls on all models alike; runs on `threads` CPU threads."""
+def _median_ms(calls: Sequence[Callable[[], object]], rounds: int, warmup: int,
+               threads: int) -> list[float]:
+    """Median time of each call in ms, measured interleaved round by round so that machine
+    noise falls on all alike; runs on `threads` CPU threads."""
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
-    times: dict[str, list[float]] = {k: [] for k in models}
+    times: list[list[float]] = [[] for _ in calls]
     try:
         for r in range(warmup + rounds):
-            for name, model in models.items():
+            for k, call in enumerate(calls):
                 t0 = time.perf_counter()
-                model(x)
+                call()
                 if r >= warmup:
-                    times[name].append((time.perf_counter() - t0) * 1e3)
+                    times[k].append((time.perf_counter() - t0) * 1e3)
     finally:
         torch.set_num_threads(prev)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return [statistics.median(t) for t in times]
+
+
+def latencies_ms(models: Mapping[str, nn.Module], x: torch.Tensor, rounds: int = 30,
+                 warmup: int = 3, threads: int = 1) -> dict[str, float]:
+    """Median batch-1 latency of each model in ms (see `_median_ms`)."""
+    ms = _median_ms([lambda m=m: m(x) for m in models.values()], rounds, warmup, threads)
+    return dict(zip(models, ms))
 
 
 def op_kind(module: nn.Module) -> str:
@@ -121,20 +128,10 @@ def segment_costs(parts: Sequence[tuple[str, nn.Module]], x: torch.Tensor, round
     for _, m in parts:
         inputs.append(x)
         x = m(x)
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    times: list[list[float]] = [[] for _ in parts]
-    try:
-        for r in range(warmup + rounds):
-            for k, ((_, m), inp) in enumerate(zip(parts, inputs)):
-                t0 = time.perf_counter()
-                m(inp)
-                if r >= warmup:
-                    times[k].append((time.perf_counter() - t0) * 1e3)
-    finally:
-        torch.set_num_threads(prev)
-    return [{"segment_id": sid, "flops": flops(m, inp), "latency_ms": statistics.median(t),
-             "kind": op_kind(m)} for (sid, m), inp, t in zip(parts, inputs, times)]
+    ms = _median_ms([lambda m=m, inp=inp: m(inp) for (_, m), inp in zip(parts, inputs)],
+                    rounds, warmup, threads)
+    return [{"segment_id": sid, "flops": flops(m, inp), "latency_ms": t, "kind": op_kind(m)}
+            for (sid, m), inp, t in zip(parts, inputs, ms)]
 
 
 def catalog_segment_costs(anchors: Mapping[str, Sequence], hybrids: Sequence, x: torch.Tensor,
