@@ -66,7 +66,7 @@ from fleet_controller.store import Store  # noqa: E402
 from fleet_protocol.messages import (Ack, ArtifactRequest, ControllerState, Desired,  # noqa: E402
                                      State, decode, encode)
 from fleet_bench import call_in_host  # noqa: E402  (bench/ is on sys.path)
-from fleet_protocol.mqtt import make_client, parse_url, run_in_thread  # noqa: E402
+from fleet_runtime.mqtt import make_client, parse_url, run_in_thread  # noqa: E402
 from fleet_protocol.signing import KeyDir, SigningKey, load_public, seal  # noqa: E402
 from simulators.broker import start_broker  # noqa: E402
 from simulators.devices import make_fleet  # noqa: E402
@@ -761,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(threadName)s %(name)s %(levelname)s %(message)s")
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    logging.getLogger("fleet_protocol.mqtt.paho").setLevel(logging.CRITICAL)  # the broker kill
+    logging.getLogger("fleet_runtime.mqtt.paho").setLevel(logging.CRITICAL)  # the broker kill
     signal.signal(signal.SIGTERM, _interrupt)  # clean up the broker and processes on kill too
     cmd = shlex.join(["python", os.path.relpath(__file__), *(sys.argv[1:] if argv is None
                                                              else argv)])

@@ -327,7 +327,7 @@ def flood_process(conn, cfg: dict) -> None:
 
 def _flood_main(conn, cfg: dict) -> None:
     from fleet_protocol.messages import Telemetry, decode
-    from fleet_protocol.mqtt import ClientHost, make_client, parse_url
+    from fleet_runtime.mqtt import ClientHost, make_client, parse_url
     from fleet_protocol.topics import Topics
 
     t = Topics()
@@ -466,7 +466,7 @@ class Run:
 
     def _setup(self) -> None:
         from fleet_controller.service import Controller
-        from fleet_protocol.mqtt import ClientHost
+        from fleet_runtime.mqtt import ClientHost
         from fleet_protocol.signing import KeyDir
         from simulators.broker import start_broker
 
@@ -515,7 +515,7 @@ class Run:
         """Connect the fleet (before the controller, so that the connect time is the
         connections alone, not the first deployments the simulator runs meanwhile), then start
         the controller and wait until every device runs its first model."""
-        from fleet_protocol.mqtt import parse_url, run_in_thread
+        from fleet_runtime.mqtt import parse_url, run_in_thread
 
         n = self.n
         self.fleet.conn.send(("start",))
@@ -656,7 +656,7 @@ class Run:
 
     # -- 2: intake -------------------------------------------------------------------------------
     def _intake(self) -> None:
-        from fleet_protocol.mqtt import ClientHost, make_client, parse_url, run_in_thread
+        from fleet_runtime.mqtt import ClientHost, make_client, parse_url, run_in_thread
         from fleet_protocol.topics import Topics
 
         st = self._status()

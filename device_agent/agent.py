@@ -34,7 +34,7 @@ from pydantic import TypeAdapter, ValidationError
 from fleet_protocol import codec
 from fleet_protocol.messages import (Ack, ArtifactChunk, ArtifactRequest, Capabilities, Desired,
                                      ProtocolError, Rebirth, State, Telemetry, decode, encode)
-from fleet_protocol.mqtt import ClientHost, make_client
+from fleet_runtime.mqtt import ClientHost, make_client
 from fleet_protocol.signing import Keyring, SignatureError, unverified
 from fleet_protocol.topics import Topics
 from stitch_lib.cost import flops

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fleet_protocol.mqtt import (ClientHost, add_connection_args, login, parse_url, serve,
+from fleet_runtime.mqtt import (ClientHost, add_connection_args, login, parse_url, serve,
                                  serve_metrics, setup_logging)
 from fleet_protocol.signing import load_public
 from stitch_lib.catalog import Catalog

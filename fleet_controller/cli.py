@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from fleet_protocol.brokerconf import CONTROLLER, TlsFiles, write_broker_config
-from fleet_protocol.mqtt import (ClientHost, add_connection_args, login, parse_url, serve,
+from fleet_runtime.brokerconf import CONTROLLER, TlsFiles, write_broker_config
+from fleet_runtime.mqtt import (ClientHost, add_connection_args, login, parse_url, serve,
                                  serve_metrics, setup_logging)
 from fleet_protocol.signing import KeyDir
 from fleet_protocol.topics import DEFAULT_ROOT, Topics

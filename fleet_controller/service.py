@@ -21,7 +21,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from fleet_protocol.messages import (MAX_GENERATION, Ack, ArtifactRequest, ControllerState,
                                      Desired, ProtocolError, Rebirth, State, Telemetry, decode,
                                      encode)
-from fleet_protocol.mqtt import ClientHost, make_client
+from fleet_runtime.mqtt import ClientHost, make_client
 from fleet_protocol.signing import KeyDir, keyset, seal, unverified
 from fleet_protocol.topics import Topics, check_id
 from stitch_lib.catalog import Catalog, Entry

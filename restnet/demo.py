@@ -27,8 +27,8 @@ from rich.table import Table
 from fleet_controller.planner import Twin, best_static, plan
 from fleet_controller.policy import effective_rule
 from fleet_controller.service import Controller
-from fleet_protocol.brokerconf import CONTROLLER
-from fleet_protocol.mqtt import ClientHost, parse_url
+from fleet_runtime.brokerconf import CONTROLLER
+from fleet_runtime.mqtt import ClientHost, parse_url
 from fleet_protocol.signing import KeyDir
 from simulators.broker import start_broker
 from simulators.cli import load_scenario

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from paho.mqtt.reasoncodes import ReasonCode
 
-from fleet_protocol.brokerconf import (BROKER_USER, FLEET_TOPICS, Credentials, TlsFiles,
+from fleet_runtime.brokerconf import (BROKER_USER, FLEET_TOPICS, Credentials, TlsFiles,
                                        broker_conf, write_acl, write_broker_config, write_passwd)
-from fleet_protocol.mqtt import make_client
+from fleet_runtime.mqtt import make_client
 
 MOSQUITTO = Path("/usr/sbin/mosquitto")
 
@@ -125,7 +125,7 @@ def start_broker(workdir: Path, *, port: int | None = None, devices: Iterable[st
 
     auth=True (the default): logins for `controller` and every device in `devices`
     (`Broker.creds`; passwd, acl, credentials.json in `workdir`; `add_devices` adds more) with
-    the fleet ACLs of `fleet_protocol.brokerconf`, and for `operators` (logins with the
+    the fleet ACLs of `fleet_runtime.brokerconf`, and for `operators` (logins with the
     controller's rights; `add_operators` adds more). auth=False: anonymous clients, no ACLs.
     `tls` adds a TLS listener on `tls_port` (default: a free port).
     """

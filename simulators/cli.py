@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from fleet_protocol.brokerconf import Credentials
+from fleet_runtime.brokerconf import Credentials
 from fleet_protocol.signing import load_public
 
 from .fleet import Scenario, SimFleet

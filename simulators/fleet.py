@@ -25,7 +25,7 @@ import torch
 from device_agent.agent import Agent, AgentConfig
 from device_agent.cache import SegmentCache, SegmentRegistry, provision
 from device_agent.worker import InlineWorker
-from fleet_protocol.mqtt import ClientHost, parse_url
+from fleet_runtime.mqtt import ClientHost, parse_url
 from fleet_protocol.topics import Topics
 from stitch_lib.catalog import Catalog, Entry
 

@@ -5,7 +5,7 @@ import yaml
 from device_agent.agent import Agent, AgentConfig
 from device_agent.cache import SegmentCache, SegmentRegistry, provision
 from fleet_controller.service import Controller
-from fleet_protocol.mqtt import ClientHost, make_client, parse_url
+from fleet_runtime.mqtt import ClientHost, make_client, parse_url
 from fleet_protocol.signing import load_public
 from fleet_protocol.topics import Topics
 from simulators.devices import CLASSES, SimResources, SimState

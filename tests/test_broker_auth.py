@@ -1,4 +1,4 @@
-"""Per-device credentials and `%u` ACLs on a real Mosquitto (fleet_protocol.brokerconf)."""
+"""Per-device credentials and `%u` ACLs on a real Mosquitto (fleet_runtime.brokerconf)."""
 from __future__ import annotations
 
 import base64
@@ -12,10 +12,10 @@ import threading
 import pytest
 
 from fleet_controller.cli import broker_main
-from fleet_protocol.brokerconf import (MAX_QUEUED_BYTES, MEMORY_LIMIT, Credentials, TlsFiles,
+from fleet_runtime.brokerconf import (MAX_QUEUED_BYTES, MEMORY_LIMIT, Credentials, TlsFiles,
                                        hash_password)
 from fleet_protocol.messages import MAX_MESSAGE_BYTES
-from fleet_protocol.mqtt import ClientHost, make_client
+from fleet_runtime.mqtt import ClientHost, make_client
 from simulators.broker import MOSQUITTO, connack, start_broker
 
 pytestmark = pytest.mark.skipif(not MOSQUITTO.exists(), reason="mosquitto not installed")

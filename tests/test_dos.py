@@ -6,7 +6,7 @@ import time
 
 from fleet_protocol.messages import (ArtifactRequest, Capabilities, ControllerState, State,
                                      Telemetry, decode, encode)
-from fleet_protocol.mqtt import make_client, parse_url
+from fleet_runtime.mqtt import make_client, parse_url
 from fleetloop import T, healthy
 from simulators.broker import connack
 

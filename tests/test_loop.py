@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from device_agent.cache import SegmentCache
-from fleet_protocol.mqtt import make_client, parse_url
+from fleet_runtime.mqtt import make_client, parse_url
 from fleetloop import T, Loop, healthy, write_policy
 from stitch_lib.catalog import Catalog
 

@@ -8,7 +8,7 @@ from typing import Callable
 
 import pytest
 
-from fleet_protocol.mqtt import Backoff, ClientHost, make_client, parse_url, run_in_thread
+from fleet_runtime.mqtt import Backoff, ClientHost, make_client, parse_url, run_in_thread
 
 
 @pytest.fixture

@@ -18,9 +18,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files import write_file
-from .messages import MAX_MESSAGE_BYTES
-from .topics import Topics, check_id
+from fleet_protocol.files import write_file
+from fleet_protocol.messages import MAX_MESSAGE_BYTES
+from fleet_protocol.topics import Topics, check_id
 
 CONTROLLER = "controller"
 BROKER_USER = "mosquitto"  # the user a Mosquitto started as root switches to
@@ -112,7 +112,7 @@ def acl_text(topics: Topics, operators: Iterable[str] = ()) -> str:
     r = topics.root
     admins = [CONTROLLER, *(check_username(o, "operator") for o in operators)]
     lines = [
-        "# Written by restnet (fleet_protocol.brokerconf). The controller and the operator",
+        "# Written by restnet (fleet_runtime.brokerconf). The controller and the operator",
         f"# logins may use the whole topic root {r}/; every other user is a device whose",
         "# username is its device ID, and the `pattern` lines (%u = username) confine it to",
         "# its own topics. Anything not granted here is denied: publishes get PUBACK 135,",
@@ -143,7 +143,7 @@ def broker_conf(*, port: int, bind: str = "127.0.0.1", data_dir: Path,
     if tls is not None and tls_port is None:
         raise ValueError("a TLS listener needs tls_port")
     lines = [
-        "# Written by restnet (fleet_protocol.brokerconf).",
+        "# Written by restnet (fleet_runtime.brokerconf).",
         "per_listener_settings false",
         f"listener {port} {bind}",
         f"allow_anonymous {'false' if password_file else 'true'}",
