@@ -33,8 +33,13 @@ For every fleet size N, in a fresh private broker:
 5. Served accuracy, four ways (`--served N` devices, 0 to skip): the demo's policy and
    scenario run as `restnet demo` runs them, with the catalog and then with its anchors only
    (same seed); the simulator's truth judges each, plus an oracle and the best static model
-   (restnet/demo.py). Also the seconds over budget or without a model, mispredicted rollbacks,
-   the hybrids' share and the bytes of stitches and of segments against whole models.
+   (restnet/demo.py). Devices start with the anchors the scenario's `provision` gives their
+   class, serving the first from their start (its boot model), and fetch other segments as
+   chunks (phases 1–4: every anchor, no boot model). Also the seconds over
+   budget or without a model, mispredicted rollbacks, the hybrids' share, the bytes of
+   stitches and of segments against whole models, and the cost model's error: predicted
+   against measured p95 after each device's first three reports, median / p90 (n), for every
+   scored report, on a device's first model, and on the first report of a model new to it.
 
 Prints markdown tables (the command line first) and writes them into docs/results.md between
 the fleet-bench markers. Targets (figures, not assertions): reaction p99 < 1 s at 1,000
@@ -944,19 +949,26 @@ def served_comparison(args, catalog_dir: Path, tmp: Path) -> dict:
 
 
 def served_lines(r: dict, args) -> list[str]:
-    acc = r["served_accuracy"]
+    from restnet.demo import cost_error_text, error_figures
+
+    acc, err = r["served_accuracy"], r["cost_error"]
     return ["", f"Served accuracy ({r['devices']} devices, {args.served_scenario}, policy "
                 f"{args.served_policy}, seed {args.seed}): mean test accuracy of the model "
-                "serving within its budget, over device-seconds.", "",
+                "serving within its budget, over device-seconds; devices start with the "
+                "scenario's `provision`, serving its first anchor. Cost model: "
+                f"{cost_error_text(err)}.", "",
             "| restnet | anchors only | static | oracle | over budget s | no model s | "
-            "rollbacks mispredicted | hybrid share | stitch KB | segment KB | whole models KB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "rollbacks mispredicted | hybrid share | stitch KB | segment KB (fetched) | "
+            "whole models KB | p95 error | on first model | on a new model |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
             "| " + " | ".join([_fmt(acc.get(k), "{:.3f}") for k in
                                ("restnet", "anchors_only", "static", "oracle")] + [
                 _fmt(r["budget_violation_s"], "{:.0f}"), _fmt(r["no_model_s"], "{:.0f}"),
                 str(r["rollbacks_mispredicted"]), _fmt(r["hybrid_share"], "{:.2f}"),
-                _fmt(r["stitch_bytes"] / 1e3, "{:.0f}"), _fmt(r["segment_bytes"] / 1e3, "{:.0f}"),
-                _fmt(r["whole_model_bytes"] / 1e3, "{:.0f}")]) + " |"]
+                _fmt(r["stitch_bytes"] / 1e3, "{:.0f}"),
+                f"{_fmt(r['segment_bytes'] / 1e3, '{:.0f}')} ({r['segments_fetched']})",
+                _fmt(r["whole_model_bytes"] / 1e3, "{:.0f}"), error_figures(err),
+                error_figures(err["first_model"]), error_figures(err["new_model"])]) + " |"]
 
 
 def write_results(lines: list[str]) -> Path:

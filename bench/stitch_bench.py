@@ -1,6 +1,6 @@
 """Do hybrids pay? The default zoo measured side by side in one run.
 
-    python bench/stitch_bench.py [--zoo zoo.yaml] [--home .restnet] [--rows all|quick]
+    python bench/stitch_bench.py [--zoo zoo.yaml] [--home .restnet] [--rows all|quick|apart]
 
 Every row uses the same zoo, data, seed and fine-tuning budget; anchors trained apart use the
 same budget rule as the stitch-aware ones (the zoo's `train:`). Points are chosen on the
@@ -89,7 +89,7 @@ def against_apart(cat: Catalog, apart: Catalog) -> list:
 def timed_build(zoo: Zoo, splits, root: Path, cfg: BuildConfig, data,
                 reuse: Path | None = None) -> tuple[Catalog, float | None]:
     """Build a row's catalog, or load the one an earlier run of this bench left in `reuse`."""
-    if reuse is not None and (reuse / root.name / "catalog.json").is_file():
+    if reuse is not None and Catalog.is_current(reuse / root.name):
         seconds = reuse / root.name / "build_seconds"
         return (Catalog.load(reuse / root.name),
                 float(seconds.read_text()) if seconds.is_file() else None)
@@ -144,8 +144,10 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--zoo", type=Path, default=ROOT / "zoo.yaml")
     p.add_argument("--home", type=Path, default=ROOT / ".restnet")
-    p.add_argument("--rows", choices=("all", "quick"), default="all",
-                   help="quick: only the default recipe and the anchors-apart baseline")
+    p.add_argument("--rows", choices=("all", "quick", "apart"), default="all",
+                   help="quick: the default recipe against stitch-aware anchors; apart: the "
+                        "anchors trained apart only, residual against linear stitches (no "
+                        "stitch-aware training); all: every row")
     p.add_argument("--reuse", type=Path,
                    help="a work folder of an earlier run: reuse the row catalogs it holds")
     p.add_argument("--same-cost", type=int, default=0,
@@ -165,8 +167,9 @@ def main() -> None:
          f"{torch.get_num_threads()} threads, data {splits.fingerprint}; fine-tuning "
          f"{cfg.ft.steps} steps of {cfg.ft.batch_size}, lr {cfg.ft.lr}).")
     emit()
+    with_sa = args.rows != "apart" or spec.stitch_aware is not None
     t0 = time.perf_counter()
-    sa = build_zoo(sa_spec, splits, args.home / "anchors")
+    sa = build_zoo(sa_spec, splits, args.home / "anchors") if with_sa else None
     t_sa = time.perf_counter() - t0
     t0 = time.perf_counter()
     apart = build_zoo(apart_spec, splits, args.home / "anchors")
@@ -175,13 +178,20 @@ def main() -> None:
 
     # 1. the ablation: one row per recipe, the zoo's own (the CLI defaults) first
     rows, cats = [], {}
-    apart_row = ("anchors apart, CKA screen + LS rank (both directions), stitch fine-tuned",
+    stitch = f"residual stitch ({cfg.stitch_hidden} wide)"
+    apart_row = (f"anchors apart, CKA screen + LS rank (both directions), {stitch} fine-tuned",
                  apart, cfg)
-    sa_row = ("stitch-aware anchors, co-trained or LS start, stitch fine-tuned", sa, cfg)
-    recipes = [sa_row, apart_row] if spec.stitch_aware else [apart_row, sa_row]
+    linear_row = ("anchors apart, CKA screen + LS rank (both directions), linear stitch "
+                  "fine-tuned", apart, dataclasses.replace(cfg, stitch_hidden=0))
+    sa_row = (f"stitch-aware anchors, co-trained or LS start, {stitch} fine-tuned", sa, cfg)
+    if args.rows == "apart":
+        recipes = [apart_row, linear_row]
+    else:
+        recipes = [sa_row, apart_row] if spec.stitch_aware else [apart_row, sa_row]
     default = sa if spec.stitch_aware else apart
     if args.rows == "all":
         recipes += [
+            linear_row,
             ("anchors apart, the stitch-aware points, LS start, stitch fine-tuned",
              Zoo(apart.anchors, fresh(sa, splits).stitches), cfg),
             ("stitch-aware anchors, co-trained or LS start, not fine-tuned", sa,
@@ -195,9 +205,11 @@ def main() -> None:
     rows = [r + (against_apart(cats[r[0]], apart_cat) if r[0] != apart_row[0] else
                  ["", "", ""]) for r in rows]
     emit("### Ablation: which recipe makes hybrids useful")
-    emit(f"Anchor training: stitch-aware {sa.info.get('seconds', t_sa):.0f} s for all three "
-         f"together; apart {sum(a.train_seconds for a in apart.anchors):.0f} s in all (this "
-         f"run: {t_sa:.0f} s and {t_apart:.0f} s, 0 where the cache had them).")
+    emit((f"Anchor training: stitch-aware {sa.info.get('seconds', t_sa):.0f} s for all three "
+          "together; " if sa else "Anchor training: ")
+         + f"apart {sum(a.train_seconds for a in apart.anchors):.0f} s in all (this run: "
+         + (f"{t_sa:.0f} s and " if sa else "") + f"{t_apart:.0f} s, 0 where the cache had "
+         "them).")
     emit()
     table(["recipe", "anchors (test acc)", "hybrids", "useful (FLOPs)", "coverage (FLOPs)",
            "frontier − line, min (points)", "catalog build s", "useful vs anchors apart",
@@ -245,7 +257,7 @@ def main() -> None:
     for e in sorted(good, key=lambda e: -e.test_acc)[:2]:
         a, b = by_name[e.front], by_name[e.back]
         h, _ = build_hybrid(a.segments, e.i, b.segments, e.j, splits.calib.x,
-                            front_name=e.front, back_name=e.back)
+                            hidden=e.stitch_hidden, front_name=e.front, back_name=e.back)
         if e.init == "co-trained":
             point = next(q for q in default.stitches if (q.front, q.i, q.back, q.j) ==
                          (e.front, e.i, e.back, e.j))

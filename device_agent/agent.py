@@ -12,10 +12,18 @@ is logged, counted and dropped.
 
 A deployment goes RECEIVED → (FETCHING n/N) → VERIFIED → SWAPPED → HEALTHY, or ends FAILED
 (the old model never stopped serving) or FAILED + ROLLED_BACK (the new one was unhealthy).
+After HEALTHY a canary window compares what the new model serves with what the previous one
+served before the swap; a regression rolls it back then, with a ROLLED_BACK ack whose reason
+starts "canary:" (device_agent.canary).
+
+At start the agent restores the models it ran (applied.json); with none, it serves the boot
+model the board was provisioned with (boot.json, generation 0: device_agent.cache.BootModel),
+so a board serves from the moment it starts. Every deployment is newer and replaces it.
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -29,7 +37,7 @@ from typing import Annotated
 
 import paho.mqtt.client as mqtt
 import torch
-from pydantic import TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 
 from fleet_protocol import codec
 from fleet_protocol.messages import (Ack, ArtifactChunk, ArtifactRequest, Capabilities, Desired,
@@ -41,7 +49,8 @@ from stitch_lib.cost import flops
 from stitch_lib.files import atomic_write
 from stitch_lib.inputs import InputSpec
 
-from .cache import SegmentCache, SegmentRegistry
+from .cache import BootModel, SegmentCache, SegmentRegistry, read_boot
+from .canary import CanaryConfig, canary_verdict
 from .prom import AgentMetrics
 from .resources import Resources
 from .runtime import LatencyWindow, Loaded, ModelSlot, assemble, build_stitch, health_verdict, verify
@@ -52,6 +61,8 @@ log = logging.getLogger(__name__)
 REFETCH_AFTER_S = 10.0  # re-request missing chunks after this long without progress
 _TAGS_FIELD = Capabilities.model_fields["tags"]
 _TAGS = TypeAdapter(Annotated[_TAGS_FIELD.annotation, *_TAGS_FIELD.metadata])  # as on the wire
+# an entry of applied.json: a deployment, or the boot model (a deployment rolled back to it)
+_RUNNING = TypeAdapter(Annotated[Desired | BootModel, Field(discriminator="kind")])
 CRASH_ENV = "RESTNET_CRASH_AT"  # fault injection for the crash tests: "chunk:N" or "swap"
 
 
@@ -77,6 +88,22 @@ def _disk(exc: Exception) -> str:
     return "disk full: " if isinstance(exc, OSError) and exc.errno == errno.ENOSPC else ""
 
 
+def _content(d: Desired) -> tuple:
+    """What makes an assembled model what it is: its segments and its stitch tensors."""
+    return (tuple(d.front), tuple(d.back),
+            _digest(d.stitch.model_dump_json()) if d.stitch is not None else None)
+
+
+def _digest(x: torch.Tensor | str) -> str:
+    """sha256 of a tensor's bytes (with its shape and dtype) or of a string."""
+    if isinstance(x, str):
+        return hashlib.sha256(x.encode()).hexdigest()
+    x = x.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{x.dtype}{tuple(x.shape)}".encode())
+    h.update(x.numpy().tobytes())
+    return h.hexdigest()
+
+
 @dataclass
 class AgentConfig:
     device_id: str
@@ -95,6 +122,7 @@ class AgentConfig:
     password: str | None = None
     tls_ca: Path | None = None  # TLS to the broker, checked against this CA
     trust: tuple = ()  # the controller's Ed25519 public keys, until a signed key set replaces them
+    canary: CanaryConfig = field(default_factory=CanaryConfig)  # the window after HEALTHY
 
 
 @dataclass
@@ -102,6 +130,15 @@ class _Fetch:
     total: int | None = None
     held: set[int] = field(default_factory=set)
     last_progress: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Canary:
+    """A canary window in progress: `new` serves, `old` is kept to go back to."""
+
+    new: Loaded
+    old: Loaded
+    since: float
 
 
 class Agent:
@@ -131,6 +168,7 @@ class Agent:
         self.applied = 0  # generation running (or last refused): older desired states are ignored
         self.pending: Desired | None = None
         self.fetching: dict[str, _Fetch] = {}
+        self.canary: _Canary | None = None
         self.keyring = Keyring(list(cfg.trust))
         self.client: mqtt.Client | None = None
         self._restore()
@@ -142,6 +180,13 @@ class Agent:
         training data were. Thread-safe; a swap never interrupts a call, and the answer names
         the generation that produced it. Raises serving.BadInput or serving.Unavailable."""
         return self.serving.infer(images)
+
+    def feedback(self, request_id: str, labels: list[int | None]) -> dict:
+        """Tell the agent the true class of each image of an earlier answer (None where not
+        known), by the answer's `request_id`; the canary window judges models on these.
+        Returns {"request_id", "generation", "labelled", "correct"}. Thread-safe. Raises
+        serving.BadInput or serving.UnknownRequest."""
+        return self.serving.feedback({"request_id": request_id, "labels": labels})
 
     def _tallies(self) -> dict[str, int]:
         """What the Prometheus collector reads at scrape time (from its own thread)."""
@@ -265,6 +310,7 @@ class Agent:
 
     def _tick(self) -> None:
         now = self.clock()
+        self._judge_canary(now)
         cur = self.slot.get()
         requests, errors = self.serving.requests, self.serving.errors
         n_req, n_err = requests - self._served[0], errors - self._served[1]
@@ -434,10 +480,12 @@ class Agent:
                              "provision the cache afresh (`restnet agent provision`)")
         probe = self._probe(spec)
         module = assemble(front, stitch, back)
-        verify(module, probe, self.cfg.num_classes)
         arch = (tuple(d.front), tuple(d.back),
                 d.stitch.model_dump_json(include={"src", "dst"}) if d.stitch else None)
-        return Loaded(module, d, self.registry.flops(arch, lambda: flops(module, probe[:1])),
+        self.registry.once(("verify", *_content(d), _digest(probe), self.cfg.num_classes),
+                           lambda: verify(module, probe, self.cfg.num_classes))
+        return Loaded(module, d, self.registry.once(("flops", *arch),
+                                                    lambda: flops(module, probe[:1])),
                       spec)
 
     def _apply(self, d: Desired) -> None:
@@ -450,6 +498,9 @@ class Agent:
             self._save()
             return
         self._ack(d, "VERIFIED")
+        self.canary = None  # a window in progress ends with its model's reign
+        old = self.slot.get()
+        self.serving.figures.track(new.generation, *([old.generation] if old else []))
         swap_ms = self.slot.swap(new)
         self.latency.reset(new)
         _crash_point("swap")  # swapped in memory, not yet recorded on disk
@@ -458,15 +509,49 @@ class Agent:
         problem, acc = self._health(new)
         if problem is None:
             self._ack(d, "HEALTHY", probe_acc=acc)
-        elif self.slot.previous is None:  # nothing to go back to: better than no model
+            if old is not None and self.cfg.canary.enabled:
+                self.canary = _Canary(new, old, self.clock())
+            else:
+                self.serving.figures.track(new.generation)
+        elif old is None:  # nothing to go back to: better than no model
             self._ack(d, "FAILED", reason=f"{problem}; no previous model, it keeps serving",
                       probe_acc=acc)
         else:
-            self.latency.reset(self.slot.rollback())
+            self._rollback()
             self._ack(d, "FAILED", reason=problem, probe_acc=acc)
             self._ack(d, "ROLLED_BACK", reason=problem, probe_acc=acc)
         self._save()
         self._birth()
+
+    def _rollback(self) -> None:
+        """Back to the previous model: requests in flight finish on the one they started on."""
+        restored = self.slot.rollback()
+        self.latency.reset(restored)
+        self.serving.figures.track(restored.generation)
+
+    def _judge_canary(self, now: float) -> None:
+        """Compare the new model's served figures with the previous model's: a regression
+        rolls it back (ROLLED_BACK, "canary: …"); the window's end keeps it and drops the
+        previous model's figures."""
+        c = self.canary
+        if c is None:
+            return
+        figures = self.serving.figures
+        new = figures.summary(c.new.generation)
+        why = canary_verdict(new, figures.summary(c.old.generation),
+                             c.new.desired.latency_budget_ms, self.cfg.canary)
+        if why is not None:
+            self.canary = None
+            log.warning("%s: rolling %s back: %s", self.cfg.device_id,
+                        c.new.desired.deployment_id, why)
+            self._rollback()
+            self._ack(c.new.desired, "ROLLED_BACK", reason=why)
+            self._save()
+            self._birth()
+        elif self.cfg.canary.ended(new.total, now - c.since):
+            self.canary = None
+            self.stats["canary_passed"] += 1
+            figures.track(c.new.generation)
 
     @torch.no_grad()
     def _health(self, new: Loaded) -> tuple[str | None, float | None]:
@@ -476,10 +561,17 @@ class Agent:
         acc = None
         if self.cfg.probe is not None:
             x, y = self.cfg.probe
-            out = new.module(x)
-            if not torch.isfinite(out).all():
-                return "outputs on the probe samples are not finite", None
-            acc = float((out.argmax(1) == y).float().mean())
+
+            def probe_acc() -> float:
+                out = new.module(x)
+                if not torch.isfinite(out).all():
+                    raise ValueError("outputs on the probe samples are not finite")
+                return float((out.argmax(1) == y).float().mean())
+            try:
+                acc = self.registry.once(("probe_acc", *_content(new.desired), _digest(x),
+                                          _digest(y)), probe_acc)
+            except ValueError as exc:
+                return str(exc), None
         return health_verdict(self.latency.percentile(95), new.desired.latency_budget_ms, acc,
                               new.desired.min_accuracy), acc
 
@@ -500,15 +592,34 @@ class Agent:
                 log.error("%s: %s is damaged (%s); trusting the provisioned keys",
                           self.cfg.device_id, trust, exc)
         path = self.cfg.cache_dir / "applied.json"
-        if not path.is_file():
+        if path.is_file():
+            doc = json.loads(path.read_text())
+            self.applied = int(doc.get("applied", 0))
+            for key in ("previous", "current"):
+                if doc.get(key):
+                    try:
+                        self.slot.swap(self._load(_RUNNING.validate_python(doc[key])))
+                    except Exception as exc:  # a damaged cache must not stop the agent
+                        log.warning("%s: cannot restore the %s model: %s", self.cfg.device_id,
+                                    key, exc)
+        if self.slot.get() is None:
+            self._boot()
+        cur = self.slot.get()
+        self.latency.reset(cur)
+        if cur is not None:
+            self.serving.figures.track(cur.generation)
+
+    def _boot(self) -> None:
+        """Serve the model the board was provisioned with (boot.json), if any, as it starts
+        with nothing deployed: assembled and verified from the cache, no network. A damaged
+        record or a missing segment leaves it without a model, as with none."""
+        try:
+            boot = read_boot(self.cfg.cache_dir)
+            if boot is None:
+                return
+            self.slot.swap(self._load(boot))
+        except Exception as exc:  # whatever it is, the agent starts and waits for a deployment
+            log.warning("%s: cannot serve the boot model of %s: %s; no model until the "
+                        "controller deploys one", self.cfg.device_id, self.cfg.cache_dir, exc)
             return
-        doc = json.loads(path.read_text())
-        self.applied = int(doc.get("applied", 0))
-        for key in ("previous", "current"):
-            if doc.get(key):
-                try:
-                    self.slot.swap(self._load(Desired.model_validate(doc[key])))
-                except Exception as exc:  # a damaged cache must not stop the agent
-                    log.warning("%s: cannot restore the %s model: %s", self.cfg.device_id, key,
-                                exc)
-        self.latency.reset(self.slot.get())
+        log.info("%s: serving the boot model %s (generation 0)", self.cfg.device_id, boot.name)

@@ -11,6 +11,7 @@ from stitch_lib.catalog import Catalog
 
 from .agent import Agent, AgentConfig
 from .cache import SegmentCache, provision
+from .canary import CanaryConfig
 from .localapi import LocalAPI
 from .resources import PsutilResources
 
@@ -47,6 +48,27 @@ def main(argv: list[str]) -> int:
                    help="inference requests that may wait for the model; more get 503")
     p.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
                    help="serve Prometheus metrics on 127.0.0.1:PORT (0: off)")
+    c = CanaryConfig()
+    p.add_argument("--canary-requests", type=int, default=c.requests, metavar="N",
+                   help="after a healthy swap, compare the new model's served figures with "
+                        "the previous model's until it served N requests (0: no limit; "
+                        "default %(default)s) ...")
+    p.add_argument("--canary-seconds", type=float, default=c.seconds, metavar="S",
+                   help="... or S seconds passed (0: no limit; both 0: no canary window; "
+                        "default %(default)s)")
+    p.add_argument("--canary-min-samples", type=int, default=c.min_samples, metavar="N",
+                   help="judge a figure only with N samples of each model (default "
+                        "%(default)s)")
+    p.add_argument("--canary-max-error-rise", type=float, default=c.max_error_rise,
+                   metavar="F", help="roll back when the error rate exceeds the previous "
+                   "model's by more (default %(default)s)")
+    p.add_argument("--canary-max-confidence-drop", type=float, default=c.max_confidence_drop,
+                   metavar="F", help="... when the mean top softmax probability falls below "
+                   "the previous model's by more (default %(default)s)")
+    p.add_argument("--canary-max-accuracy-drop", type=float, default=c.max_accuracy_drop,
+                   metavar="F", help="... when the accuracy on labelled feedback (POST "
+                   "/v1/feedback) falls below the previous model's by more (default "
+                   "%(default)s)")
     add_connection_args(p)
     args = p.parse_args(argv)
     setup_logging(args.verbose)
@@ -56,10 +78,13 @@ def main(argv: list[str]) -> int:
         raise SystemExit(f"restnet agent: --trust: {exc}") from exc
     host = ClientHost()
     try:
+        canary = CanaryConfig(args.canary_requests, args.canary_seconds,
+                              args.canary_min_samples, args.canary_max_error_rise,
+                              args.canary_max_confidence_drop, args.canary_max_accuracy_drop)
         agent = Agent(AgentConfig(args.device_id, args.cache,
                                   telemetry_period=args.telemetry_period,
                                   chunk_size=args.chunk_size, trust=trust, tags=dict(args.tag),
-                                  max_queue=args.max_queue, **login(args)),
+                                  max_queue=args.max_queue, canary=canary, **login(args)),
                       PsutilResources(args.device_class), host)
     except ValueError as exc:
         raise SystemExit(f"restnet agent: {exc}") from exc
@@ -89,11 +114,15 @@ def provision_main(argv: list[str]) -> int:
     p.add_argument("--catalog", type=Path, required=True, help="catalog directory")
     p.add_argument("--cache", type=Path, required=True, help="the board's segment cache")
     p.add_argument("--anchor", action="append", help="only this anchor (repeatable)")
+    p.add_argument("--run", metavar="ANCHOR",
+                   help="the board serves this anchor (one of those provisioned) from its start "
+                        "until the controller deploys a model (default: nothing until then)")
     args = p.parse_args(argv)
     try:
         catalog = Catalog.load(args.catalog)
-        added = provision(SegmentCache(args.cache), catalog, args.anchor)
-    except (FileNotFoundError, KeyError) as exc:
+        added = provision(SegmentCache(args.cache), catalog, args.anchor, args.run)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
         raise SystemExit(f"restnet agent provision: {exc}") from exc
-    print(f"{len(added)} segments added to {args.cache}")
+    print(f"{len(added)} segments added to {args.cache}"
+          + (f"; it boots serving {args.run}" if args.run else ""))
     return 0

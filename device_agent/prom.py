@@ -15,7 +15,8 @@ COUNTERS = {  # metric name (without _total) → (help, tally key)
     "restnet_agent_request_errors": ("inference requests failed for the device's reasons",
                                      "errors"),
     "restnet_agent_swaps": ("models swapped in", "swaps"),
-    "restnet_agent_rollbacks": ("swaps rolled back by the health check", "rollbacks"),
+    "restnet_agent_rollbacks": ("swaps rolled back by the health check or the canary "
+                                "window", "rollbacks"),
     "restnet_agent_refusals": ("desired states refused (signature, addressee, replay)",
                                "refusals"),
 }

@@ -49,7 +49,7 @@ def _port(p) -> Port:
 
 def build_stitch(delta: StitchDelta) -> Stitch:
     """A stitch from a delta: shapes known from the ports, bytes checked before loading."""
-    stitch = Stitch(_port(delta.src), _port(delta.dst))
+    stitch = Stitch(_port(delta.src), _port(delta.dst), delta.hidden)
     expected = {k: tuple(v.shape) for k, v in stitch.state_dict().items()}
     blob = codec.unb64(delta.data, codec.MAX_DELTA_BYTES)
     if len(blob) != delta.size:
@@ -78,6 +78,14 @@ def verify(module: nn.Module, probe: torch.Tensor, num_classes: int | None = Non
 
 class NoModel(RuntimeError):
     """The slot holds no model yet."""
+
+
+class ModelFailed(RuntimeError):
+    """The model raised on a request; `loaded` is the model that did."""
+
+    def __init__(self, loaded: Loaded, exc: Exception) -> None:
+        super().__init__(str(exc))
+        self.loaded = loaded
 
 
 class ModelSlot:
@@ -116,7 +124,10 @@ class ModelSlot:
             raise NoModel("no model loaded yet")
         if prepare is not None:
             x = prepare(x, loaded.input)
-        return loaded.module(x), loaded
+        try:
+            return loaded.module(x), loaded
+        except Exception as exc:
+            raise ModelFailed(loaded, exc) from exc
 
 
 class LatencyWindow:
@@ -146,11 +157,17 @@ class LatencyWindow:
     def percentile(self, q: float) -> float | None:
         with self._lock:
             values = list(self._values)
-        if not values:
-            return None
-        if len(values) == 1:
-            return values[0]
-        return statistics.quantiles(values, n=100, method="inclusive")[round(q) - 1]
+        return percentile(values, q)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The `q`th percentile (1–99) of `values`, linear between order statistics (NumPy's
+    default); None without values."""
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q) - 1]
 
 
 def health_verdict(p95_ms: float | None, budget_ms: float | None, probe_acc: float | None,

@@ -117,7 +117,7 @@ class Artifacts:
                 blob = codec.pack_delta(tensors)
                 self._deltas[entry.artifact] = StitchDelta(
                     src=PortSpec(**entry.ports["src"]), dst=PortSpec(**entry.ports["dst"]),
-                    size=len(blob), sha256=codec.sha256_hex(blob), data=codec.b64(blob))
+                    hidden=entry.stitch_hidden, size=len(blob), sha256=codec.sha256_hex(blob), data=codec.b64(blob))
             return self._deltas[entry.artifact]
 
     def split(self, entry: Entry) -> tuple[list[str], list[str]]:

@@ -7,10 +7,10 @@ import logging
 import threading
 
 from fleet_protocol.codec import pack_delta
-from stitch_lib.build import BuildConfig, load_anchor_model, load_hybrid
+from stitch_lib.assemble import anchor_segments
+from stitch_lib.build import BuildConfig, load_hybrid
 from stitch_lib.catalog import Catalog, Entry
 from stitch_lib.data import DataSplits, make_splits
-from stitch_lib.segments import split_model
 from stitch_lib.train import TrainConfig, evaluate, finetune_stitch
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class Finetuner:
         with self._lock:
             entry = self.catalog.get(entry_id)
             splits = self._data()
-            segments = {name: split_model(load_anchor_model(self.catalog.get(name), self.catalog))
+            segments = {name: anchor_segments(self.catalog.get(name), self.catalog)
                         for name in (entry.front, entry.back)}
             hybrid = load_hybrid(entry, segments, self.catalog)
             res = finetune_stitch(hybrid, splits, self.cfg)

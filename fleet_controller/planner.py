@@ -12,15 +12,17 @@ Rules, in order:
    unchecked when neither is known; the running model's own footprint counts as free for
    itself, since it already sits in the used memory); with `finetune_on_demand` off, only
    anchors and fine-tuned stitches.
-   Predicted p95 = predicted p50 × tail, the running model's measured p95/p50 (1 until
-   measured, clamped to [1, 10]). Predicted p50 (`predict_ms`) = Σ over the model's segments
-   of prior time × the device's learned factor for the segment's operator kind. The prior is
-   the class's nominal figure, FLOPs ÷ the device's reported GFLOPS (the segment's latency on
-   the catalog machine when the device reports none, or the whole model's for a catalog
-   without per-segment costs). The factors (`Speeds`) are learned from the p50s the device
-   reports for the model it runs (`learn_speed`): an overall factor shared by every kind plus
-   a correction per kind, by recursive least squares — so what a device shows on one model
-   carries over to models it has never run, per kind of operator, not as one scalar.
+   Predicted p95 (`predict_p95`) = predicted p50 × tail (`tail_factor`), the running model's
+   measured p95/p50 (1 until measured, clamped to [1, 10]). Predicted p50 (`predict_ms`) = Σ
+   over the model's segments of prior time × the device's learned factor for the segment's
+   operator kind. The prior is the class's nominal figure, FLOPs ÷ the device's reported
+   GFLOPS (the segment's latency on the catalog machine when the device reports none, or the
+   whole model's for a catalog without per-segment costs). The factors (`Speeds`) are learned
+   from the p50s the device reports for the model it runs (`learn_speed`): an overall factor
+   shared by every kind plus a correction per kind, by recursive least squares — so what a
+   device shows on one model carries over to models it has never run, per kind of operator,
+   not as one scalar. How well this predicts is scored as reports arrive
+   (fleet_controller.costerror).
 3. Objective: max_accuracy (ties → fewer FLOPs), min_latency (predicted latency, ties → more
    accurate), min_energy (predicted energy per inference: power × predicted time, ties → more
    accurate); then by ID, so plans are deterministic. No message carries a device's power yet,
@@ -205,6 +207,20 @@ def predict_ms(twin: Twin, c: Candidate) -> float:
     return sum(ms * speeds.factor(kind) for kind, ms in _prior_by_kind(twin, c).items())
 
 
+def tail_factor(twin: Twin) -> float:
+    """Predicted p95 / p50: the p95/p50 the device last reported, clamped to [1, TAIL_MAX];
+    1 until it reports both."""
+    if twin.lat_p50_ms and twin.lat_p95_ms:
+        return _clamp(twin.lat_p95_ms / twin.lat_p50_ms, 1.0, TAIL_MAX)
+    return 1.0
+
+
+def predict_p95(twin: Twin, c: Candidate) -> float:
+    """Predicted p95 latency of `c` on this device, as `plan` predicts it for a device whose
+    running model is in the catalog."""
+    return predict_ms(twin, c) * tail_factor(twin)
+
+
 def learn_speed(twin: Twin, c: Candidate, reported_p50_ms: float) -> Speeds:
     """`twin.speed` updated with a p50 the device reported while running `c`: one step of
     recursive least squares on p50 = Σ_kind prior time × (overall + correction[kind]), in
@@ -282,9 +298,7 @@ def _situation(twin: Twin, rule: ResolvedRule, candidates: Sequence[Candidate],
             cap = running.flops
         else:
             rule = replace(rule, objective="min_energy")
-    tail = 1.0
-    if twin.lat_p50_ms and twin.lat_p95_ms and running is not None:
-        tail = _clamp(twin.lat_p95_ms / twin.lat_p50_ms, 1.0, TAIL_MAX)
+    tail = tail_factor(twin) if running is not None else 1.0
     cooling = cap is not None and now - twin.since < rule.min_dwell_s
     if known_p95 is not None:  # an oracle: the true p95s, no prediction, no tail
         p50, tail = {c.id: known_p95[c.id] for c in candidates}, 1.0

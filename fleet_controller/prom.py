@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .costerror import WARMUP_REPORTS
+
 REACTION_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 ERROR_BUCKETS = (0.02, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.0, 5.0)
 ACC_BUCKETS = tuple(k / 10 for k in range(1, 11))
@@ -56,8 +58,9 @@ class ControllerMetrics:
             "restnet_controller_reaction_ms", "trigger telemetry → HEALTHY ack, ms",
             buckets=REACTION_BUCKETS_MS, registry=self.registry)
         self.cost_error = Histogram(
-            "restnet_controller_cost_error_ratio", "|predicted − measured| / measured p50 "
-            "of the running model, as telemetry arrives", buckets=ERROR_BUCKETS,
+            "restnet_controller_cost_error_ratio", "|predicted − measured| / measured p95 "
+            "of the running model, predicted before the report, after each device's first "
+            f"{WARMUP_REPORTS} reports (fleet_controller.costerror)", buckets=ERROR_BUCKETS,
             registry=self.registry)
         self.probe_accuracy = Histogram(
             "restnet_controller_probe_accuracy", "accuracy on devices' labelled probes after "

@@ -27,8 +27,9 @@ from fleet_protocol.topics import Topics, check_id
 from stitch_lib.catalog import Catalog, Entry
 
 from .artifacts import Artifacts, unknown_artifact
+from .costerror import CostErrors
 from .finetune import Finetuner
-from .planner import Candidate, Twin, learn_speed, plan, plan_inputs, predict_ms, silent
+from .planner import Candidate, Twin, learn_speed, plan, plan_inputs, predict_p95, silent
 from .policy import FleetPolicy, PolicyError, effective_rule, load_policy
 from .prom import ControllerMetrics
 from .ratelog import SampledLog
@@ -53,6 +54,7 @@ class Metrics:
     whole_model_bytes: int = 0  # what shipping each deployed model whole would have cost
     adaptations: int = 0
     failures: int = 0
+    cost_errors: CostErrors = field(default_factory=CostErrors)  # predicted against measured p95
 
 
 class Controller:
@@ -108,9 +110,13 @@ class Controller:
         # the one open deployment per device, mirrored in memory (telemetry is the hot path)
         self.open: dict[str, Deployment] = {d.device_id: d for d in
                                             self.store.deployments(open_only=True)}
+        # each device's newest closed deployment: a ROLLED_BACK ack may follow its HEALTHY one
+        self.closed: dict[str, Deployment] = {}
         for d in self.store.deployments():  # failures stay avoided across a restart
             if d.status in ("FAILED", "ROLLED_BACK") and d.updated + AVOID_S > self.clock():
                 self.avoid[d.device_id][d.hybrid] = d.updated + AVOID_S
+            if not d.open:
+                self.closed[d.device_id] = d  # in creation order: the newest stays
         self._rules: dict[str, tuple] = {}  # device → (what its rule depends on, the rule)
         self._planned: dict[str, tuple] = {}  # device → plan inputs last planned on
         for device_id, doc in self.store.twins().items():
@@ -265,17 +271,28 @@ class Controller:
                 for payload in self.store.desired(device).values():
                     self.client.publish(self.t.desired(device), payload, qos=1, retain=True)
                     self.stats["republished"] += 1
+            elif ((done := self.closed.get(device)) is not None and done.status == "HEALTHY"
+                  and done.generation == s.generation and done.hybrid != s.hybrid):
+                # its canary rolled the deployment back while we were away: the ack was lost
+                self._rolled_back(done, f"settled by device state: it runs {s.hybrid} again "
+                                  "after HEALTHY", now)
         self._save_twin(twin)
 
     def _on_telemetry(self, device: str, m: Telemetry, now: float) -> None:
         twin = self._twin(device)
+        entry = self.entries.get(m.hybrid or "")
+        c = Candidate.from_entry(entry) if entry is not None else None
+        if c is not None and m.lat_p95_ms:  # scored on what was predicted before this report
+            error = self.metrics.cost_errors.observe(device, c.id, predict_p95(twin, c),
+                                                     m.lat_p95_ms)
+            if error is not None:
+                self.prom.cost_error.observe(error)
         twin.online, twin.last_seen = True, now
+        if twin.running is None and m.hybrid is not None:  # e.g. a boot model, ahead of a birth
+            twin.running, twin.since = m.hybrid, now
         twin.battery, twin.charging, twin.temp_c = m.battery, m.charging, m.temp_c
         twin.mem_free_mb, twin.lat_p50_ms, twin.lat_p95_ms = m.mem_free_mb, m.lat_p50_ms, m.lat_p95_ms
-        entry = self.entries.get(m.hybrid or "")
-        if entry is not None and m.lat_p50_ms:
-            c = Candidate.from_entry(entry)
-            self.prom.cost_error.observe(abs(predict_ms(twin, c) - m.lat_p50_ms) / m.lat_p50_ms)
+        if c is not None and m.lat_p50_ms:
             twin.speed = learn_speed(twin, c, m.lat_p50_ms)
         watched = self.watch.get(device)
         if watched is not None and m.generation == watched[0]:
@@ -289,7 +306,16 @@ class Controller:
             raise ProtocolError(f"ack for {a.device_id} on {device}'s topic")
         dep = self.open.get(device)
         if dep is None or dep.id != a.deployment_id or dep.generation != a.generation:
-            known = any(d.id == a.deployment_id for d in self.store.deployments(device))
+            done = self.closed.get(device)
+            if (a.status == "ROLLED_BACK" and done is not None and done.status == "HEALTHY"
+                    and (done.id, done.generation) == (a.deployment_id, a.generation)):
+                twin = self._twin(device)  # it runs the model before again (its birth says so)
+                twin.running, twin.since = self._rolled_back(done, a.reason or "", now), now
+                self._save_twin(twin)
+                return
+            # from memory, not the store: a device's stray acks cost nothing but a counter
+            newest = max((d.generation for d in (dep, done) if d is not None), default=0)
+            known = a.deployment_id == f"{device}.{a.generation}" and a.generation <= newest
             self.stats["late_ack" if known else "unknown_ack"] += 1
             return
         trigger = self.triggers.get(dep.id)
@@ -324,8 +350,30 @@ class Controller:
         if status == "HEALTHY":
             self.running_artifact[dep.device_id] = dep.artifact
         if not dep.open:
-            self.open.pop(dep.device_id, None)
+            if self.open.get(dep.device_id) is dep:
+                del self.open[dep.device_id]
+            self.closed[dep.device_id] = dep
             self.triggers.pop(dep.id, None)
+
+    def _rolled_back(self, dep: Deployment, reason: str, now: float) -> str | None:
+        """The device's canary window found `dep`, HEALTHY until now, serving worse than the
+        model before it and went back to that one (docs/protocol.md §6.9): record it and
+        avoid the hybrid there, as after any failure. Returns the hybrid of the device's last
+        HEALTHY deployment before `dep` (what it runs again), if known."""
+        device = dep.device_id
+        self._settle(dep, "ROLLED_BACK", now, reason)
+        self.metrics.failures += 1
+        self.avoid[device][dep.hybrid] = now + AVOID_S
+        self.watch.pop(device, None)  # what it served is no longer what it serves
+        before = [d for d in self.store.deployments(device)
+                  if d.generation < dep.generation and d.status == "HEALTHY"]
+        if before:
+            self.running_artifact[device] = before[-1].artifact
+        else:
+            self.running_artifact.pop(device, None)
+        self.store.event(now, device, "rolled_back", f"{dep.id} after HEALTHY: {reason}")
+        log.warning("%s rolled %s back after its HEALTHY ack: %s", device, dep.id, reason)
+        return before[-1].hybrid if before else None
 
     def _rule(self, policy: FleetPolicy, device: str, twin: Twin):
         key = (id(policy), twin.device_class, tuple(sorted(twin.tags.items())))

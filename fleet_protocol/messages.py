@@ -21,6 +21,7 @@ MAX_COUNTER = 2**63 - 1  # sessions (Unix ns), sequence numbers: int64
 MAX_CHUNKS = 2**20  # chunks of one artifact: 1 TiB at the largest chunk size
 MAX_ARTIFACT_BYTES = 2**40
 MAX_CHUNK_SIZE = 128 * 1024
+MAX_STITCH_HIDDEN = 1024  # a stitch's residual branch width (stitch_lib.stitch.MAX_HIDDEN)
 
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^+#/\x00]+$")]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -105,6 +106,7 @@ class StitchDelta(Wire):
 
     src: PortSpec
     dst: PortSpec
+    hidden: int = Field(0, ge=0, le=MAX_STITCH_HIDDEN)  # residual branch width, 0 = linear
     encoding: Literal["safetensors+zlib"] = "safetensors+zlib"
     size: int = Field(gt=0, le=MAX_MESSAGE_BYTES)  # compressed bytes
     sha256: Sha256  # of the compressed bytes

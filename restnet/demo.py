@@ -13,9 +13,11 @@ import argparse
 import json
 import logging
 import math
+import re
 import statistics
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import yaml
@@ -24,6 +26,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from fleet_controller.costerror import WARMUP_REPORTS
 from fleet_controller.planner import Twin, best_static, plan
 from fleet_controller.policy import effective_rule
 from fleet_controller.service import Controller
@@ -37,6 +40,7 @@ from stitch_lib.catalog import Catalog
 from stitch_lib.data import make_splits
 
 console = Console()
+COST_ERROR_TARGET = 0.15  # median |predicted − measured| / measured p95 (costerror)
 
 
 def _table(fleet: SimFleet, ctl: Controller, elapsed: float, duration: float) -> Table:
@@ -122,15 +126,39 @@ def summary(ctl: Controller, fleet: SimFleet, seconds: float) -> dict:
                                               "hybrid_share")},
         "rollbacks_mispredicted": mispredicted_rollbacks(ctl, fleet.telemetry_period),
         "adaptations": m.adaptations, "failures": m.failures,
+        "failure_reasons": dict(Counter(
+            re.sub(r"[\d.]+", "N", d.reason.split(";")[0])[:60] for d in ctl.store.deployments()
+            if d.status in ("FAILED", "ROLLED_BACK", "TIMEOUT")).most_common(5)),
+        # desired states (stitch tensors inline) and the chunks of segments devices lacked
+        # (fp32 safetensors, base64), against shipping every deployed model whole (fp16)
         "stitch_bytes": m.desired_bytes, "segment_bytes": m.chunk_bytes,
+        "segments_fetched": fleet.fetched(),
         "bytes_sent": sent, "whole_model_bytes": m.whole_model_bytes,
         "bytes_ratio": sent / m.whole_model_bytes if m.whole_model_bytes else None,
+        "cost_error": m.cost_errors.summary(),
         "reaction_ms_p50": statistics.median(r) if r else None,
         "reaction_ms_p95": r[min(len(r) - 1, int(0.95 * len(r)))] if r else None,
         "dropped_messages": ctl.stats["dropped"], "controller_errors": ctl.stats["errors"],
         "agent_errors": sum(d.agent.stats["errors"] for d in fleet.devices),
         "reconnects": fleet.host.stats.get("reconnects", 0),
     }
+
+
+def error_figures(f: dict) -> str:
+    """{median, p90, n} of relative errors (fleet_controller.costerror) as one cell."""
+    return f"{f['median']:.1%} / {f['p90']:.1%} (n {f['n']})" if f["n"] else "— (n 0)"
+
+
+def cost_error_text(e: dict) -> str:
+    """The summary's `cost_error` in words, against its target."""
+    verdict = ", ".join(f"{what} {'met' if f['median'] <= COST_ERROR_TARGET else 'NOT met'}"
+                        for what, f in (("every report", e), ("new models", e["new_model"]))
+                        if f["n"])
+    verdict = f"; target median ≤ {COST_ERROR_TARGET:.0%}: {verdict}" if verdict else ""
+    return (f"predicted vs measured p95, median / p90 — every report after a device's first "
+            f"{WARMUP_REPORTS}: {error_figures(e)}; on its first model: "
+            f"{error_figures(e['first_model'])}; first report on a model new to it: "
+            f"{error_figures(e['new_model'])}{verdict}")
 
 
 def anchors_only(catalog: Catalog, root: Path) -> Catalog:
@@ -161,7 +189,8 @@ def run(args, policy: Path, catalog: Catalog, tmp: Path, live: bool) -> dict:
         ctl = Controller(policy, tmp / "controller", host, tmp / "keys",
                          username=CONTROLLER, password=broker.creds[CONTROLLER])
         fleet = SimFleet(args.devices, broker.url, catalog.root, tmp / "fleet", probe=probe,
-                         host=host, trust=(signing.public,), seed=args.seed)
+                         host=host, trust=(signing.public,), seed=args.seed,
+                         provision=scenario.provision)
         broker.add_devices(fleet.ids)  # one login per device; ACLs confine each to its topics
         console.print(f"broker {broker.url}, {len(fleet.devices)} devices, "
                       f"{len(catalog.entries)} catalog models, scenario {args.scenario}")
@@ -199,10 +228,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR)
-    if not (args.home / "catalog" / "catalog.json").is_file():
+    if not Catalog.is_current(args.home / "catalog"):  # none, or of an older segment ID scheme
         from restnet.stitch_cmd import catalog_main
 
-        console.print("[bold]No catalog yet: building the default zoo and catalog first.")
+        console.print("[bold]No catalog of this version yet: building the default zoo and "
+                      "catalog first.")
         catalog_main(["build", "--zoo", str(args.zoo), "--home", str(args.home)])
     catalog = Catalog.load(args.home / "catalog")
     with tempfile.TemporaryDirectory(prefix="restnet-demo-") as tmp:
@@ -217,9 +247,12 @@ def main(argv: list[str]) -> int:
     t.add_column("figure")
     t.add_column("value", justify="right")
     for k, v in result.items():
+        if k == "cost_error":
+            continue
         shown = {w: round(a, 4) for w, a in v.items()} if isinstance(v, dict) else v
         t.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(shown))
     console.print(t)
+    console.print(f"cost model: {cost_error_text(result['cost_error'])}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0

@@ -63,7 +63,7 @@ def _build(args: argparse.Namespace) -> Catalog:
     from fleet_protocol.codec import pack_delta  # the wire's own encoder sizes each delta
 
     cfg = BuildConfig(top_k=args.top_k, screen=args.screen, finetune=args.finetune,
-                      directions=args.directions,
+                      directions=args.directions, stitch_hidden=args.stitch_hidden,
                       ft=TrainConfig(lr=3e-3, steps=args.ft_steps, n_train=args.ft_n_train,
                                      patience=2, distill=args.ft_distill))
     zoo, splits, data = _anchors(args)
@@ -97,6 +97,8 @@ def catalog_main(argv: list[str]) -> int:
                    help="training images the fine-tuning draws from (at most)")
     b.add_argument("--ft-distill", type=float, default=0.0,
                    help="weight of distillation from the front anchor (0-1)")
+    b.add_argument("--stitch-hidden", type=int, default=BuildConfig.stitch_hidden,
+                   help="width of each stitch's residual branch (0: linear stitches only)")
     s = sub.add_parser("show", help="print the catalog and write its Pareto plot")
     s.add_argument("--home", type=Path, default=DEFAULT_HOME)
     s.add_argument("-v", "--verbose", action="store_true")
@@ -106,7 +108,7 @@ def catalog_main(argv: list[str]) -> int:
                         else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     try:
         cat = _build(args) if args.action == "build" else Catalog.load(args.home / "catalog")
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:  # no catalog, or one to rebuild
         raise SystemExit(f"restnet: {exc}") from exc
     _show(cat)
     return 0

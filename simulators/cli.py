@@ -42,7 +42,8 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError) as exc:
         raise SystemExit(f"restnet simulate: {exc}") from exc
     fleet = SimFleet(args.devices, args.broker, args.catalog, args.workdir,
-                     telemetry_period=args.telemetry_period, trust=trust)
+                     telemetry_period=args.telemetry_period, trust=trust,
+                     provision=scenario.provision)
     missing = sorted(set(fleet.ids) - set(creds or fleet.ids))
     if missing:
         raise SystemExit(f"restnet simulate: no credentials for {missing[:5]}...; add them with "

@@ -1,8 +1,13 @@
 """A simulated fleet: many REAL device agents on one ClientHost (one thread), each with its own
 simulated resources and link, driven through a scenario of resource changes over time.
 
-Segments are provisioned once into a master cache and hard-linked into every device's cache,
-and rebuilt segment modules are shared read-only by all agents through one SegmentRegistry.
+A device starts holding the segments of the anchors its class is provisioned with (the
+scenario's `provision`; every anchor when it has none), and serving the first of them from its
+start, as a flashed board does (its boot record; none when the scenario has no `provision`):
+segments and each class's boot record are written once into a master cache and hard-linked
+into each such device's cache. Any other segment a deployment needs, the device fetches from
+the controller as chunks, into a copy of its own. Rebuilt segment modules are shared read-only
+by all agents through one SegmentRegistry.
 
 Served accuracy is accounted here, from the simulator's truth, every tick of `run`: for each
 device, which catalog model serves and whether its true p95 is within the device's budget —
@@ -16,20 +21,22 @@ import os
 import random
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from device_agent.agent import Agent, AgentConfig
-from device_agent.cache import SegmentCache, SegmentRegistry, provision
+from device_agent.cache import (BOOT_FILE, SegmentCache, SegmentRegistry, boot_model, provision,
+                                write_boot)
 from device_agent.worker import InlineWorker
 from fleet_runtime.mqtt import ClientHost, parse_url
 from fleet_protocol.topics import Topics
 from stitch_lib.catalog import Catalog, Entry
 
-from .devices import NOISE_P95, SimResources, SimState, cost_table, make_fleet, with_changes
+from .devices import (CLASSES, NOISE_P95, SimResources, SimState, cost_table, make_fleet,
+                      with_changes)
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +56,28 @@ class Event:
 class Scenario:
     duration_s: float
     events: tuple[Event, ...] = ()
+    # device class → the anchors its devices start with, serving the first (a class left out:
+    # none); None: all, serving none
+    provision: Mapping[str, tuple[str, ...]] | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "Scenario":
         """Validate a parsed scenario file; errors name the event and the field."""
+        bad = set(d) - {"duration_s", "events", "provision"}
+        if bad:
+            raise ValueError(f"unknown key(s) {sorted(bad)}; allowed: duration_s, events, "
+                             "provision")
+        provision = d.get("provision")
+        if provision is not None:
+            if not isinstance(provision, dict) or not all(
+                    isinstance(v, list) for v in provision.values()):
+                raise ValueError("provision must map device classes to lists of anchor names, "
+                                 "e.g. {mcu: [mnv3-050]}")
+            unknown = set(provision) - set(CLASSES)
+            if unknown:
+                raise ValueError(f"provision: unknown device classes {sorted(unknown)}; known: "
+                                 f"{sorted(CLASSES)}")
+            provision = {str(c): tuple(map(str, names)) for c, names in provision.items()}
         allowed = {"at", "set", "tags", "classes", "devices", "fraction", "cut_s"}
         events = []
         for k, e in enumerate(d.get("events") or []):
@@ -70,7 +95,7 @@ class Scenario:
                                 devices=tuple(e.get("devices", ())),
                                 fraction=float(e.get("fraction", 1.0)),
                                 cut_s=float(e.get("cut_s", 0.0))))
-        return cls(float(d["duration_s"]), tuple(sorted(events, key=lambda e: e.at)))
+        return cls(float(d["duration_s"]), tuple(sorted(events, key=lambda e: e.at)), provision)
 
 
 @dataclass
@@ -120,7 +145,9 @@ class SimFleet:
     workdir: Path
     mix: dict[str, float] | None = None
     telemetry_period: float = 2.0
-    provisioned: bool = True  # devices start holding every segment of the catalog
+    # device class → the anchors whose segments its devices start with, the first serving from
+    # the start (a class left out: none, and no model); None: every anchor, no model
+    provision: Mapping[str, Sequence[str]] | None = None
     probe: tuple[torch.Tensor, torch.Tensor] | None = None
     seed: int = 0
     trust: tuple = ()  # the controller's public keys, as each agent is provisioned with them
@@ -142,22 +169,52 @@ class SimFleet:
         self.rng = random.Random(self.seed)
         master = SegmentCache(self.workdir / "master")
         catalog = Catalog.load(self.catalog_dir)
-        if self.provisioned:
-            provision(master, catalog)
+        self.held = self._provisioned(catalog, master)  # class → segment IDs it starts with
+        boots = self._boots(catalog, master)  # class → its boot record, in the master cache
         self.costs = cost_table(catalog)  # what each model truly costs: per segment, by kind
         self.entries = {e.id: e for e in catalog.entries}
         for dev_id, res in make_fleet(self.n, self.mix, self.seed):
             res.costs = self.costs
             cache_dir = self.workdir / "devices" / dev_id
             cache = SegmentCache(cache_dir)
-            for seg_id in master.ids():  # hard links: one copy on disk for the whole fleet
+            for seg_id in self.held.get(res.cls.name, ()):  # hard links: one copy on disk
                 if not cache.has(seg_id):
                     os.link(master.path(seg_id), cache.path(seg_id))
+            (cache_dir / BOOT_FILE).unlink(missing_ok=True)  # the agent only reads it
+            if res.cls.name in boots:
+                os.link(boots[res.cls.name], cache_dir / BOOT_FILE)
             cfg = AgentConfig(dev_id, cache_dir, self.topics, self.telemetry_period,
                               probe=self.probe, trust=self.trust)
             # inline: the real agent's work runs in this one thread's loop, as its callbacks do
             agent = Agent(cfg, res, self.host, self.registry, worker=InlineWorker())
             self.devices.append(SimDevice(dev_id, res, agent))
+
+    def _provisioned(self, catalog: Catalog, master: SegmentCache) -> dict[str, set[str]]:
+        """Put the segments of every anchor `provision` names into `master`; returns the
+        segment IDs each device class starts with."""
+        names = {e.name for e in catalog.anchors}
+        by_class = ({c: sorted(names) for c in CLASSES} if self.provision is None
+                    else {c: list(a) for c, a in self.provision.items()})
+        wanted = sorted({a for anchors in by_class.values() for a in anchors})
+        unknown = set(wanted) - names
+        if unknown:
+            raise ValueError(f"provision: {sorted(unknown)} are not anchors of the catalog "
+                             f"{self.catalog_dir}; its anchors: {sorted(names)}")
+        if wanted:  # provision() takes no names as every anchor
+            provision(master, catalog, wanted)
+        return {c: {s for a in anchors for s in catalog.get(a).segments}
+                for c, anchors in by_class.items()}
+
+    def _boots(self, catalog: Catalog, master: SegmentCache) -> dict[str, Path]:
+        """Write the boot record of every class `provision` names anchors for (its first)
+        under `master`; returns class → the record's path."""
+        return {c: write_boot(master.root / "boot" / c, boot_model(master, catalog, anchors[0]))
+                for c, anchors in (self.provision or {}).items() if anchors}
+
+    def fetched(self) -> int:
+        """Segments the devices hold now that they did not start with (fetched as chunks)."""
+        return sum(len(set(d.agent.cache.ids()) - self.held.get(d.res.cls.name, set()))
+                   for d in self.devices)
 
     def start(self, credentials: Mapping[str, str] | None = None, pace: int = 25) -> None:
         """Connect every agent, `pace` at a time (the broker's listen backlog is 100), each

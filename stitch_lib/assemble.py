@@ -11,7 +11,7 @@ from torch import nn
 
 from .catalog import Catalog, Entry
 from .inputs import InputSpec
-from .segments import split_model
+from .segments import Segment, split_model
 
 
 def from_recipe(r: dict[str, Any]) -> nn.Module:
@@ -35,16 +35,20 @@ def input_spec(entry: Entry, catalog: Catalog) -> InputSpec | None:
     return None if size is None else InputSpec(int(entry.recipe["in_chans"]), (int(size),) * 2)
 
 
+def anchor_segments(entry: Entry, catalog: Catalog) -> list[Segment]:
+    """An anchor's segments rebuilt from the catalog alone, knowing their IDs."""
+    return split_model(load_anchor_model(entry, catalog), entry.recipe)
+
+
 def segment_payloads(entry: Entry, catalog: Catalog) -> list[tuple[str, dict, dict]]:
     """An anchor's segments as (segment ID, numpy tensors, metadata) — what a device needs to
     rebuild each one: the recipe, the segment's index, and its weights; the stem (index 0)
     also says what images the model takes (`input`)."""
-    segments = split_model(load_anchor_model(entry, catalog))
     spec = input_spec(entry, catalog)
     payloads = []
-    for k, s in enumerate(segments):
-        meta = {"recipe": entry.recipe, "index": k, "name": s.name, "anchor": entry.name}
-        if k == 0 and spec is not None:
+    for s in anchor_segments(entry, catalog):
+        meta = {"recipe": entry.recipe, "index": s.index, "name": s.name, "anchor": entry.name}
+        if s.index == 0 and spec is not None:
             meta["input"] = spec.to_meta()
         payloads.append((s.segment_id(),
                          {n: v.detach().cpu().numpy() for n, v in s.body.state_dict().items()},

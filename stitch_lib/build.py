@@ -9,6 +9,8 @@ anchors (the ReStNet direction — larger in front — or both):
 3. rank: initialise each survivor by least squares (under a second) and keep the `top_k` with
    the best validation accuracy — measured to predict fine-tuned accuracy far better than
    CKA does (DESIGN §3).
+Each stitch is linear plus a zero-initialised residual branch of width `stitch_hidden` (see
+`stitch`): the ranking sees exactly the least-squares fit, fine-tuning trains both.
 Then: drop any hybrid that costs more FLOPs than its dearer anchor; fine-tune the stitches
 (`all`, only those on the validation `frontier`, or `none`: left at their start and marked
 so, for the controller to fine-tune on demand); measure accuracy (test split) and cost of
@@ -32,7 +34,7 @@ from .cost import (catalog_segment_costs, compressed_size, flops, fp16_bytes, la
 from .cotrain import Point
 from .data import DataSplits
 from .segments import Port, Segment, is_transformer, split_model
-from .stitch import Hybrid, Stitch, build_hybrid, feasible_points
+from .stitch import MAX_HIDDEN, Hybrid, Stitch, build_hybrid, feasible_points
 from .train import FrontCache, TrainConfig, evaluate, finetune_stitch
 from .zoo import Anchor, Zoo
 
@@ -49,6 +51,7 @@ class BuildConfig:
     ft: TrainConfig = field(default_factory=lambda: TrainConfig(
         lr=3e-3, steps=600, n_train=10000, patience=2))
     latency_rounds: int = 30
+    stitch_hidden: int = 64  # width of each stitch's residual branch; 0 = linear stitches
 
     def __post_init__(self) -> None:
         if self.finetune not in FINETUNE_MODES:
@@ -57,6 +60,9 @@ class BuildConfig:
             raise ValueError(f"directions must be 'restnet' or 'both', got {self.directions!r}")
         if self.top_k < 1 or self.screen < self.top_k:
             raise ValueError("need 1 <= top_k <= screen")
+        if not 0 <= self.stitch_hidden <= MAX_HIDDEN:
+            raise ValueError(f"stitch_hidden must be in [0, {MAX_HIDDEN}] (0: linear "
+                             f"stitches), got {self.stitch_hidden}")
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -96,7 +102,7 @@ def _stitch_tensors(h: Hybrid) -> dict[str, torch.Tensor]:
 def load_hybrid(entry: Entry, segments: dict[str, list[Segment]], catalog: Catalog) -> Hybrid:
     """Rebuild a catalog hybrid from its anchors' segments (by anchor name) and its
     (hash-checked) stitch artifact."""
-    stitch = Stitch(Port(**entry.ports["src"]), Port(**entry.ports["dst"]))
+    stitch = Stitch(Port(**entry.ports["src"]), Port(**entry.ports["dst"]), entry.stitch_hidden)
     stitch.load_state_dict(catalog.load_artifact(entry.artifact))
     h = Hybrid(segments[entry.front], entry.i, stitch, segments[entry.back], entry.j,
                entry.front, entry.back)
@@ -122,7 +128,7 @@ def _ranked_points(a: Anchor, b: Anchor, splits: DataSplits, cfg: BuildConfig,
                  key=lambda p: -float(m[p]))[: cfg.screen]
     ranked = []
     for i, j in pts:
-        h, fit = build_hybrid(a.segments, i, b.segments, j, calib,
+        h, fit = build_hybrid(a.segments, i, b.segments, j, calib, hidden=cfg.stitch_hidden,
                               front_name=a.spec.name, back_name=b.spec.name)
         info = dict(cka=float(m[i, j]), ls_val_acc=evaluate(h, splits.val), **fit)
         info.update(init="ls", init_val_acc=info["ls_val_acc"])
@@ -135,9 +141,9 @@ def _ranked_points(a: Anchor, b: Anchor, splits: DataSplits, cfg: BuildConfig,
 def _cotrained_point(a: Anchor, b: Anchor, p: Point, stitch: Stitch, splits: DataSplits,
                      m: torch.Tensor, candidates: list[dict]) -> tuple[Hybrid, dict]:
     """A co-trained point: its co-trained stitch or a least-squares fit, whichever is more
-    accurate on the validation split."""
+    accurate on the validation split (both of the co-trained stitch's width)."""
     h, fit = build_hybrid(a.segments, p.i, b.segments, p.j, splits.calib.x,
-                          front_name=a.spec.name, back_name=b.spec.name)
+                          hidden=stitch.hidden, front_name=a.spec.name, back_name=b.spec.name)
     ls_acc = evaluate(h, splits.val)
     ls_state = copy.deepcopy(h.stitch.state_dict())
     h.stitch.load_state_dict(stitch.state_dict())
@@ -213,6 +219,7 @@ def build_catalog(zoo: Zoo | list[Anchor], splits: DataSplits, catalog: Catalog,
             cka=info["cka"], ls_val_acc=info["ls_val_acc"], val_acc=info["init_val_acc"],
             init=info["init"], init_val_acc=info["init_val_acc"], stitch_state="ls",
             ports={"src": vars(h.stitch.src), "dst": vars(h.stitch.dst)},
+            stitch_hidden=h.stitch.hidden,
             **{k: info[k] for k in cost_keys}))
         entries[-1].ls_test_acc = entries[-1].test_acc
 
@@ -243,6 +250,7 @@ def build_catalog(zoo: Zoo | list[Anchor], splits: DataSplits, catalog: Catalog,
     catalog.meta = {
         "data": splits.fingerprint, "dataset": data,
         "build": {"top_k": cfg.top_k, "screen": cfg.screen, "finetune": cfg.finetune,
+                  "stitch_hidden": cfg.stitch_hidden,
                   "anchors": "stitch-aware" if zoo.stitches else "apart"},
         "anchor_training": zoo.info,
         "candidates": candidates, "cka": cka_maps,

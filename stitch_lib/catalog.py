@@ -1,5 +1,9 @@
 """The catalog: every anchor and hybrid with its measured accuracy and costs, a JSON index
-beside content-addressed safetensors artifacts (the stitch tensors), and the Pareto frontier."""
+beside content-addressed safetensors artifacts (the stitch tensors), and the Pareto frontier.
+
+`catalog.json` records the segment ID scheme its entries name segments by
+(`segment_id_scheme`, see `segment_ids`); a catalog of another scheme is refused on loading,
+with the command that rebuilds it (trained anchors are reused)."""
 from __future__ import annotations
 
 import hashlib
@@ -14,8 +18,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .files import atomic_write
+from .segment_ids import SCHEME
 
 INDEX = "catalog.json"
+REBUILD = "restnet catalog build"  # the command that makes a catalog (see README)
 
 
 @dataclass
@@ -46,6 +52,7 @@ class Entry:
     artifact: str | None = None  # sha256 of the safetensors file: stitch, or anchor weights
     delta_bytes: int | None = None  # stitch tensors as fp16 safetensors, zlib-compressed
     ports: dict[str, Any] | None = None  # the stitch's src/dst ports
+    stitch_hidden: int = 0  # hybrids: the width of the stitch's residual branch (0: linear)
     recipe: dict[str, Any] | None = None  # anchors: how to create the timm model skeleton
     training: str | None = None  # anchors: "apart", "checkpoint" (as given) or "stitch-aware"
     init: str | None = None  # hybrids: the stitch's start, "co-trained" or "ls"
@@ -132,6 +139,11 @@ def usefulness(entries: list[Entry]) -> dict[str, Any]:
     return out
 
 
+def _id_scheme(doc: dict[str, Any]) -> Any:
+    """The segment ID scheme a parsed catalog.json names segments by."""
+    return doc.get("segment_id_scheme", 1)  # catalogs of scheme 1 did not say
+
+
 @dataclass
 class Catalog:
     """Entries plus free-form measurements (`meta`), stored under `root`."""
@@ -179,15 +191,35 @@ class Catalog:
 
     def save(self) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
-        doc = {"version": 1, "meta": self.meta, "entries": [asdict(e) for e in self.entries]}
+        doc = {"version": 1, "segment_id_scheme": SCHEME, "meta": self.meta,
+               "entries": [asdict(e) for e in self.entries]}
         path = self.root / INDEX
         atomic_write(path, json.dumps(doc, indent=1).encode())
         return path
 
     @classmethod
     def load(cls, root: Path) -> "Catalog":
+        """The catalog saved under `root`; FileNotFoundError if there is none, ValueError
+        (saying how to rebuild it) if it names segments by another ID scheme."""
         path = Path(root) / INDEX
         if not path.is_file():
-            raise FileNotFoundError(f"no catalog at {path}; build one with `restnet catalog build`")
+            raise FileNotFoundError(f"no catalog at {path}; build one with `{REBUILD}`")
         doc = json.loads(path.read_text())
+        scheme = _id_scheme(doc)
+        if scheme != SCHEME:
+            home = f" --home {path.parent.parent}" if path.parent.name == "catalog" else ""
+            raise ValueError(f"catalog {path} names segments by ID scheme {scheme}, this version "
+                             f"by scheme {SCHEME} (docs/protocol.md §5.3): rebuild it with "
+                             f"`{REBUILD}{home}` (and its --zoo, if not zoo.yaml; the trained "
+                             "anchors are reused)")
         return cls(Path(root), [Entry(**e) for e in doc["entries"]], doc.get("meta", {}))
+
+    @staticmethod
+    def is_current(root: Path) -> bool:
+        """True when `root` holds a catalog this version loads (a build cache is stale
+        otherwise: no catalog, or one of another segment ID scheme)."""
+        try:
+            doc = json.loads((Path(root) / INDEX).read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(doc, dict) and _id_scheme(doc) == SCHEME

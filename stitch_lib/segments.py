@@ -1,15 +1,15 @@
 """Cut timm models into reusable, content-addressed segments.
 
-`split_model(model)` returns the model as an ordered list of `Segment`s (stem, each stage or
-block, head). Applying them in order reproduces `model(x)`. Every segment knows the form of
-its output (a CNN feature map or a ViT token sequence) so that stitch layers can be built
-between any two boundaries, and has an ID: the sha256 of its architecture and weights.
+`split_model(model, recipe)` returns the model as an ordered list of `Segment`s (stem, each
+stage or block, head). Applying them in order reproduces `model(x)`. Every segment knows the
+form of its output (a CNN feature map or a ViT token sequence) so that stitch layers can be
+built between any two boundaries, and has an ID: the sha256 of its anchor's architecture
+recipe, its index and its weights (`segment_ids`, docs/protocol.md §5.3).
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -20,6 +20,8 @@ from timm.models.mobilenetv3 import MobileNetV3
 from timm.models.regnet import RegNet
 from timm.models.resnet import ResNet
 from timm.models.vision_transformer import VisionTransformer
+
+from . import segment_ids
 
 Form = Literal["map", "tokens", "logits"]
 
@@ -48,11 +50,14 @@ class Port:
 
 
 class Segment(nn.Module):
-    """One piece of a model: a module chain plus the form of its output."""
+    """One piece of a model: a module chain plus the form of its output, and (set by
+    `split_model`) its index among the model's segments and the model's recipe."""
 
     def __init__(self, name: str, body: nn.Module, form: Form, num_prefix: int = 0) -> None:
         super().__init__()
         self.name, self.body, self.form, self.num_prefix = name, body, form, num_prefix
+        self.index: int | None = None
+        self.recipe: dict[str, Any] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -62,13 +67,13 @@ class Segment(nn.Module):
         return Port.of(out, self.form, self.num_prefix)
 
     def segment_id(self) -> str:
-        """sha256 of the architecture spec and the weights: same weights, same ID."""
-        h = hashlib.sha256(f"{self.form}|{self.num_prefix}|{self.body!r}".encode())
-        for key, t in sorted(self.body.state_dict().items()):
-            t = t.detach().cpu().contiguous()
-            h.update(f"|{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+        """The segment's ID (`segment_ids.segment_id` of its recipe, index and weights)."""
+        if self.recipe is None or self.index is None:
+            raise ValueError(f"segment {self.name!r} has no recipe: its ID hashes the anchor's "
+                             "architecture recipe, so split the model with "
+                             "split_model(model, recipe=...) (the catalog entry's recipe, or "
+                             "stitch_lib.zoo.recipe(spec, splits))")
+        return segment_ids.segment_id(self.recipe, self.index, self.body.state_dict())
 
 
 class _VitStem(nn.Module):
@@ -178,10 +183,21 @@ def model_family(model: nn.Module) -> str:
                      f"supported families: {', '.join(SUPPORTED_FAMILIES)}")
 
 
-def split_model(model: nn.Module) -> list[Segment]:
-    """Ordered segments of a timm model; running them in sequence reproduces `model(x)`."""
+def split_model(model: nn.Module, recipe: dict[str, Any] | None = None) -> list[Segment]:
+    """Ordered segments of a timm model; running them in sequence reproduces `model(x)`.
+    `recipe` (how the model was created: `stitch_lib.assemble.from_recipe`) is what segment
+    IDs need; without it the segments run but have no ID."""
     family = model_family(model)
-    return next(fn for cls, fn in _ADAPTERS.items() if cls.__name__ == family)(model)
+    if recipe is not None:
+        recipe = segment_ids.check_recipe(recipe)
+        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+        if arch is not None and recipe["model"].split(".")[0] != arch:
+            raise ValueError(f"recipe model {recipe['model']!r} is not this model's "
+                             f"architecture {arch!r}; pass the recipe the model was created from")
+    segments = next(fn for cls, fn in _ADAPTERS.items() if cls.__name__ == family)(model)
+    for k, s in enumerate(segments):
+        s.index, s.recipe = k, recipe
+    return segments
 
 
 def is_transformer(segments: list[Segment]) -> bool:

@@ -11,6 +11,13 @@ front map, so it carries information about the image (a constant one would not).
 The stitch is initialised by ridge least squares on calibration activations (float64), with
 the ridge strength chosen per pair on held-out calibration images, as SN-Net initialises its
 stitches with a pseudo-inverse.
+
+With `hidden` > 0 the stitch also has a residual branch on the resized map, added to the
+projection: a 1×1 convolution down to `hidden` channels, a 3×3 depthwise convolution, GELU,
+and a 1×1 convolution up to the destination's channels, initialised to zero — so the stitch
+starts exactly at its least-squares fit, and fine-tuning can then correct what no per-position
+linear map can (neighbourhood context, non-linearity). Still only stitch parameters: the
+anchors stay frozen and a deployment still carries only stitch tensors.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from .segments import Port, Segment
 
 RIDGE_GRID = (1e-5, 1e-3, 1e-1)
 MAX_GRID_RATIO = 2  # a stitch may pool or upsample the grid by at most this factor per side
+MAX_HIDDEN = 1024  # the widest residual branch a stitch may have
 
 
 def to_map(t: torch.Tensor, port: Port) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -55,13 +63,22 @@ def can_stitch(src: Port, dst: Port) -> bool:
 class Stitch(nn.Module):
     """The trainable joint between two models' activations (see the module docstring)."""
 
-    def __init__(self, src: Port, dst: Port) -> None:
+    def __init__(self, src: Port, dst: Port, hidden: int = 0) -> None:
         super().__init__()
         if not can_stitch(src, dst):
             raise ValueError(f"cannot stitch {src} into {dst}: both must be feature maps or "
                              f"tokens whose grids differ by at most {MAX_GRID_RATIO}x per side")
-        self.src, self.dst = src, dst
+        if not 0 <= hidden <= MAX_HIDDEN:
+            raise ValueError(f"a stitch's hidden width must be in [0, {MAX_HIDDEN}] "
+                             f"(0: the linear projection only), got {hidden}")
+        self.src, self.dst, self.hidden = src, dst, hidden
         self.proj = nn.Conv2d(src.channels, dst.channels, kernel_size=1)
+        if hidden:
+            self.down = nn.Conv2d(src.channels, hidden, kernel_size=1)
+            self.spatial = nn.Conv2d(hidden, hidden, kernel_size=3, padding=1, groups=hidden)
+            self.up = nn.Conv2d(hidden, dst.channels, kernel_size=1)
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
         self.pos_bias = (nn.Parameter(torch.zeros(dst.channels, *dst.grid))
                          if dst.form == "tokens" and src.form == "map" else None)
         self.prefix_bias = (nn.Parameter(torch.zeros(dst.num_prefix, dst.channels))
@@ -75,6 +92,8 @@ class Stitch(nn.Module):
         m, prefix = to_map(x, self.src)
         m = _resize(m, self.dst.grid)
         y = self.proj(m)
+        if self.hidden:
+            y = y + self.up(F.gelu(self.spatial(self.down(m))))
         if self.dst.form == "map":
             return y
         if self.pos_bias is not None:
@@ -87,7 +106,7 @@ class Stitch(nn.Module):
         return torch.cat([cls, tokens], dim=1)
 
     def extra_repr(self) -> str:
-        return f"src={self.src}, dst={self.dst}"
+        return f"src={self.src}, dst={self.dst}, hidden={self.hidden}"
 
 
 @dataclass
@@ -242,9 +261,10 @@ def feasible_points(front: list[Segment], back: list[Segment],
 
 
 def build_hybrid(front: list[Segment], i: int, back: list[Segment], j: int,
-                 calib: torch.Tensor, *, batch_size: int = 128,
+                 calib: torch.Tensor, *, batch_size: int = 128, hidden: int = 0,
                  front_name: str = "front", back_name: str = "back") -> tuple[Hybrid, dict]:
-    """Join front boundary `i` to back boundary `j` with a least-squares-initialised stitch.
+    """Join front boundary `i` to back boundary `j` with a least-squares-initialised stitch
+    (with a zero-initialised residual branch of width `hidden`, if > 0).
 
     `front`/`back` are `split_model` outputs; `calib` is a batch of calibration images. Either
     direction works: the ReStNet one puts the larger model in front. Returns the hybrid and
@@ -258,7 +278,7 @@ def build_hybrid(front: list[Segment], i: int, back: list[Segment], j: int,
     with torch.no_grad():
         pf = front[i].port(nn.Sequential(*front[: i + 1])(calib[:2]))
         pb = back[j].port(nn.Sequential(*back[: j + 1])(calib[:2]))
-    stitch = Stitch(pf, pb)
+    stitch = Stitch(pf, pb, hidden)
     hybrid = Hybrid(front, i, stitch, back, j, front_name, back_name).eval()
     hybrid.freeze_anchors()
     back_part = nn.Sequential(*back[: j + 1]).eval()

@@ -187,8 +187,9 @@ def load_anchor(spec: AnchorSpec, splits: DataSplits, cache_dir: Path,
     trained now and cached."""
     model = create(spec, splits)
     if spec.checkpoint:
-        return Anchor(spec, model.eval(), split_model(model), evaluate(model, splits.val), 0.0,
-                      recipe(spec, splits), "checkpoint")
+        r = recipe(spec, splits)
+        return Anchor(spec, model.eval(), split_model(model, r), evaluate(model, splits.val),
+                      0.0, r, "checkpoint")
     cache_dir.mkdir(parents=True, exist_ok=True)
     stem = cache_dir / f"{spec.name}-{cache_key(spec, splits)}"
     weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
@@ -204,8 +205,8 @@ def load_anchor(spec: AnchorSpec, splits: DataSplits, cache_dir: Path,
                 "history": result.history, "weights_sha256": hashlib.sha256(blob).hexdigest()}
         atomic_write(meta, json.dumps(info, indent=1).encode())
     model.eval()
-    return Anchor(spec, model, split_model(model), info["val_acc"], info["train_seconds"],
-                  recipe(spec, splits))
+    r = recipe(spec, splits)
+    return Anchor(spec, model, split_model(model, r), info["val_acc"], info["train_seconds"], r)
 
 
 def _stitch_aware(zoo: ZooSpec, splits: DataSplits, cache_dir: Path,
@@ -214,7 +215,7 @@ def _stitch_aware(zoo: ZooSpec, splits: DataSplits, cache_dir: Path,
     when the same zoo was trained on the same data before."""
     specs = list(zoo.anchors)
     models = {s.name: create(s, splits).eval() for s in specs}  # cotrain sets train mode
-    segments = {n: split_model(m) for n, m in models.items()}
+    segments = {s.name: split_model(models[s.name], recipe(s, splits)) for s in specs}
     points = plan_points({n: Layout.of(segs, splits.calib.x) for n, segs in segments.items()})
     blob = json.dumps({"zoo": asdict(zoo), "data": splits.fingerprint, **_provenance(specs)},
                       sort_keys=True, default=str)

@@ -4,10 +4,11 @@ from __future__ import annotations
 import shutil
 
 import pytest
-import timm
 import torch
 
+from stitch_lib.assemble import from_recipe
 from stitch_lib.data import DataSplits, make_splits
+from stitch_lib.segments import split_model
 
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 
@@ -19,13 +20,22 @@ def splits() -> DataSplits:
                        n_test=200, seed=0)
 
 
+def tiny_recipe(name: str, **kwargs) -> dict:
+    """The recipe of `tiny(name, **kwargs)` (stitch_lib.assemble.from_recipe makes it)."""
+    if name == "vit":
+        name, kwargs = "vit_tiny_patch16_224", TINY_VIT | kwargs
+    return {"model": name, "num_classes": 10, "in_chans": 1, "kwargs": kwargs}
+
+
 def tiny(name: str, **kwargs) -> torch.nn.Module:
     """A tiny timm model for 1-channel 32px images, in eval mode, seeded."""
     torch.manual_seed(0)
-    if name == "vit":
-        return timm.create_model("vit_tiny_patch16_224", num_classes=10, in_chans=1,
-                                 **(TINY_VIT | kwargs)).eval()
-    return timm.create_model(name, num_classes=10, in_chans=1, **kwargs).eval()
+    return from_recipe(tiny_recipe(name, **kwargs))
+
+
+def tiny_segments(name: str, **kwargs) -> list:
+    """`split_model` of `tiny(name, **kwargs)`, with its recipe (so with segment IDs)."""
+    return split_model(tiny(name, **kwargs), tiny_recipe(name, **kwargs))
 
 
 @pytest.fixture(scope="session")

@@ -41,12 +41,14 @@ class Loop:
         self.controller.start(*parse_url(self.broker.url))
         return self.controller
 
-    def add_agent(self, dev_id, cls="rpi4", battery=0.9, provisioned=True, worker=None, **cfg):
+    def add_agent(self, dev_id, cls="rpi4", battery=0.9, provisioned=True, worker=None,
+                  boot=None, **cfg):
         """A real agent on the loop's host; its work runs on a thread of its own, as on a
-        board, unless `worker` says otherwise (an InlineWorker runs it in the handlers)."""
+        board, unless `worker` says otherwise (an InlineWorker runs it in the handlers).
+        `boot`: the anchor it is provisioned to serve from its start."""
         cache_dir = self.tmp / "dev" / dev_id
         if provisioned:
-            provision(SegmentCache(cache_dir), self.catalog)
+            provision(SegmentCache(cache_dir), self.catalog, boot=boot)
         res = SimResources(CLASSES[cls], SimState(battery=battery))
         agent = Agent(AgentConfig(dev_id, cache_dir, telemetry_period=0.2, trust=self.trust,
                                   **self.login(dev_id), **cfg), res, self.host, self.registry,

@@ -6,8 +6,8 @@ from safetensors.torch import save_file
 
 from conftest import TINY_VIT
 from stitch_lib import Catalog, Entry, pareto
-from stitch_lib import split_model
-from stitch_lib.build import BuildConfig, load_anchor_model, load_hybrid, to_finetune
+from stitch_lib.assemble import anchor_segments
+from stitch_lib.build import BuildConfig, load_hybrid, to_finetune
 from stitch_lib.train import TrainConfig, evaluate
 from stitch_lib.zoo import AnchorSpec, ZooSpec, build_zoo, load_anchor
 
@@ -58,7 +58,7 @@ def test_catalog_holds_measured_anchors_and_hybrids(built):
 def test_hybrid_reloads_from_its_artifact(built, splits):
     anchors, cat = built
     e = cat.hybrids[0]
-    rebuilt = {a.name: split_model(load_anchor_model(a, cat)) for a in cat.anchors}
+    rebuilt = {a.name: anchor_segments(a, cat) for a in cat.anchors}
     h = load_hybrid(e, rebuilt, cat)  # from the catalog alone: recipes and artifacts
     assert evaluate(h, splits.test) == pytest.approx(e.test_acc)
     assert h.segment_ids() == e.segments
@@ -118,3 +118,17 @@ def test_zoo_spec_errors_name_the_key():
                                         "train": {"lrr": 1}}]})
     with pytest.raises(ValueError, match="not a timm model"):
         ZooSpec.from_dict({"anchors": [{"name": "a", "model": "resnet9000"}]})
+
+
+def test_a_catalog_of_another_segment_id_scheme_is_refused(tmp_path):
+    root = tmp_path / "home" / "catalog"
+    assert not Catalog.is_current(root)
+    Catalog(root, [entry("a", 0.9, 1.0)]).save()
+    assert Catalog.is_current(root) and Catalog.load(root).entries[0].name == "a"
+    doc = json.loads((root / "catalog.json").read_text())
+    del doc["segment_id_scheme"]  # as every catalog before scheme 2 was written
+    (root / "catalog.json").write_text(json.dumps(doc))
+    assert not Catalog.is_current(root)
+    with pytest.raises(ValueError, match=r"ID scheme 1, this version by scheme 2 .*rebuild it "
+                                         rf"with `restnet catalog build --home {tmp_path}/home`"):
+        Catalog.load(root)

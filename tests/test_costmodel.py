@@ -8,12 +8,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import tiny
+from conftest import tiny, tiny_recipe, tiny_segments
 from fleet_controller.planner import Candidate, Term, Twin, learn_speed, predict_ms
 from simulators.devices import CLASSES, NOISE, NOISE_P50, Hidden, SimResources, SimState, \
     make_fleet
 from stitch_lib.catalog import Catalog
 from stitch_lib.cost import catalog_segment_costs, flops, machine, segment_costs
+from stitch_lib.segment_ids import SCHEME
 from stitch_lib.segments import split_model
 from stitch_lib.stitch import build_hybrid
 
@@ -118,7 +119,8 @@ def test_segment_costs_add_up_and_name_their_kinds():
              "mobilenetv3_small_050": {"conv", "dwconv"}}
     for name, expected in kinds.items():
         m = tiny(name)
-        costs = segment_costs([(s.segment_id(), s) for s in split_model(m)], x, rounds=2)
+        costs = segment_costs([(s.segment_id(), s) for s in split_model(m, tiny_recipe(name))],
+                              x, rounds=2)
         assert sum(c["flops"] for c in costs) == flops(m, x)
         assert {c["kind"] for c in costs} == expected
         assert all(c["latency_ms"] > 0 for c in costs)
@@ -126,7 +128,7 @@ def test_segment_costs_add_up_and_name_their_kinds():
 
 def test_a_hybrid_costs_its_anchors_segments_plus_the_stitch():
     torch.manual_seed(0)
-    front, back = split_model(tiny("test_resnet")), split_model(tiny("vit"))
+    front, back = tiny_segments("test_resnet"), tiny_segments("vit")
     h, _ = build_hybrid(front, 1, back, 0, torch.randn(10, 1, 32, 32),
                         front_name="res", back_name="vit")
     x = torch.zeros(1, 1, 32, 32)
@@ -142,7 +144,8 @@ def test_a_hybrid_costs_its_anchors_segments_plus_the_stitch():
 def test_a_catalog_without_segment_costs_still_loads_and_plans(tmp_path):
     entry = dict(id="a", name="a", kind="anchor", test_acc=0.8, params=1, flops=10**6,
                  act_peak_bytes=1, latency_ms=2.0, model_bytes=1, segments=["s"])
-    (tmp_path / "catalog.json").write_text(json.dumps({"version": 1, "entries": [entry]}))
+    (tmp_path / "catalog.json").write_text(json.dumps({"version": 1, "segment_id_scheme": SCHEME,
+                                                       "entries": [entry]}))
     e = Catalog.load(tmp_path).entries[0]
     assert e.segment_costs is None
     c = Candidate.from_entry(e)
@@ -175,5 +178,58 @@ def test_silent_devices_are_offline_and_get_nothing(catalog, keys, tmp_path):
         assert not ctl.twins["quiet"].online and ctl.twins["chatty"].online
         assert [d.device_id for d in ctl.store.deployments()] == ["chatty"]
         assert any(e[2] == "offline" and "silent for 40 s" in e[3] for e in ctl.store.events())
+    finally:
+        ctl.store.close()
+
+
+# ---- the cost model's error, as the controller scores it --------------------------------
+def test_cost_errors_skip_the_first_reports_and_tell_new_models_apart():
+    from fleet_controller.costerror import CostErrors
+
+    e = CostErrors()
+    for k in range(3):  # a device's first three reports teach, they are not scored
+        assert e.observe("d", "a", 10.0, 8.0) is None
+    assert e.observe("d", "b", 9.0, 10.0) == pytest.approx(0.1)  # new to the device
+    assert e.observe("d", "b", 12.0, 10.0) == pytest.approx(0.2)  # b again: neither kind
+    assert e.observe("d", "a", 6.0, 8.0) == pytest.approx(0.25)  # its first model
+    assert e.observe("other", "b", 1.0, 1.0) is None  # counted per device
+    s = e.summary()
+    assert (s["n"], s["median"], s["p90"]) == (3, pytest.approx(0.2), pytest.approx(0.25))
+    assert s["first_model"] == {"median": pytest.approx(0.25), "p90": pytest.approx(0.25),
+                                "n": 1}
+    assert s["new_model"]["n"] == 1 and s["new_model"]["median"] == pytest.approx(0.1)
+    assert CostErrors().summary()["new_model"] == {"median": None, "p90": None, "n": 0}
+
+
+def test_the_controller_scores_the_p95_it_predicted_before_learning(catalog, keys, tmp_path):
+    """Each report is scored against the p95 predicted from the twin as it was before the
+    report (its speed not yet learned from it, its tail the previous report's)."""
+    import copy
+    from types import SimpleNamespace
+
+    from fleet_controller.planner import predict_p95
+    from fleet_controller.service import Controller
+    from fleet_protocol.messages import Telemetry
+    from fleetloop import write_policy
+
+    ctl = Controller(write_policy(tmp_path / "fleet.yaml", catalog.root), tmp_path / "ctl",
+                     SimpleNamespace(submit=lambda fn: fn()), keys)
+    ctl.client = SimpleNamespace(publish=lambda *a, **kw: SimpleNamespace(mid=1))
+    try:
+        c = Candidate.from_entry(catalog.anchors[0])
+        ctl.twins["d"] = Twin(device_id="d", online=True, device_class="rpi4", gflops=8.0)
+        scored = []
+        for seq, (p50, p95) in enumerate([(5.0, 6.0), (5.5, 7.0), (5.2, 6.5), (5.1, 6.9),
+                                          (5.3, 6.4)], start=1):
+            before = copy.deepcopy(ctl.twins["d"])
+            ctl._on_telemetry("d", Telemetry(seq=seq, ts=1.0, cpu=0.1, mem_free_mb=900,
+                                             temp_c=40, hybrid=c.id, lat_p50_ms=p50,
+                                             lat_p95_ms=p95), 1.0)
+            scored.append(abs(predict_p95(before, c) - p95) / p95)
+            after = abs(predict_p95(ctl.twins["d"], c) - p95) / p95
+            assert after < scored[-1]  # learning from the report would have flattered it
+        assert list(ctl.metrics.cost_errors.errors["all"]) == pytest.approx(scored[3:])
+        assert ctl.prom.registry.get_sample_value(
+            "restnet_controller_cost_error_ratio_sum") == pytest.approx(sum(scored[3:]))
     finally:
         ctl.store.close()

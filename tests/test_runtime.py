@@ -1,6 +1,7 @@
 """The agent's model slot: atomic swaps, requests in flight finish on the old model."""
 import threading
 
+import pytest
 import torch
 from torch import nn
 
@@ -57,3 +58,56 @@ def test_latency_window_and_health_verdict():
     assert health_verdict(96.0, 50.0, None, None).startswith("latency p95 96.0 ms > budget")
     assert health_verdict(10.0, 50.0, 0.5, 0.7).startswith("probe accuracy 0.500 < 0.700")
     assert health_verdict(10.0, 50.0, 0.9, 0.7) is None
+
+
+def test_the_registry_computes_once_per_key_and_remembers_refusals(monkeypatch):
+    from device_agent import cache
+    from device_agent.cache import SegmentRegistry
+
+    monkeypatch.setattr(cache, "ONCE_ENTRIES", 2)
+    reg, calls = SegmentRegistry(), []
+
+    def compute(value):
+        calls.append(value)
+        if value == "bad":
+            raise ValueError("model outputs are not finite")
+        return value
+
+    assert [reg.once(("a",), lambda: compute(1)) for _ in range(3)] == [1, 1, 1]
+    for _ in range(2):
+        try:
+            reg.once(("b",), lambda: compute("bad"))
+        except ValueError as exc:
+            assert "not finite" in str(exc)
+        else:
+            raise AssertionError("a remembered refusal must be raised again")
+    assert calls == [1, "bad"]
+    reg.once(("c",), lambda: compute(3))  # the oldest key ("a") is dropped: bounded
+    assert reg.once(("a",), lambda: compute(4)) == 4 and calls == [1, "bad", 3, 4]
+
+
+@pytest.mark.parametrize("hidden", [0, 8])
+@torch.no_grad()
+def test_a_stitch_travels_as_its_tensors_and_width(hidden):
+    """What the controller packs (fp16 tensors plus ports and width) rebuilds on the board
+    into the same stitch; a delta whose width disagrees with its tensors is refused."""
+    from device_agent.runtime import build_stitch
+    from fleet_protocol import codec
+    from fleet_protocol.messages import PortSpec, StitchDelta
+    from stitch_lib.segments import Port
+    from stitch_lib.stitch import Stitch
+
+    src, dst = Port("map", 6, (4, 4)), Port("tokens", 8, (2, 2), 1)
+    stitch = Stitch(src, dst, hidden)
+    for p in stitch.parameters():
+        p.normal_()
+    blob = codec.pack_delta({k: v.numpy() for k, v in stitch.state_dict().items()})
+
+    def delta(width):
+        return StitchDelta(src=PortSpec(**vars(src)), dst=PortSpec(**vars(dst)), hidden=width,
+                           size=len(blob), sha256=codec.sha256_hex(blob), data=codec.b64(blob))
+
+    x = torch.randn(2, 6, 4, 4)
+    assert torch.allclose(build_stitch(delta(hidden))(x), stitch(x), atol=0.05, rtol=0.01)
+    with pytest.raises(codec.ArtifactError):
+        build_stitch(delta(4 if hidden else 8))

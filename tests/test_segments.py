@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny
+from conftest import tiny, tiny_recipe
 from stitch_lib import split_model
 from stitch_lib.segments import SUPPORTED_FAMILIES
 
@@ -64,16 +64,30 @@ def test_convnext_stages_match_forward_intermediates():
 
 
 def test_segment_id_is_a_content_hash():
+    recipe = tiny_recipe("test_resnet")
     a, b = tiny("test_resnet"), tiny("test_resnet")  # same seed: same weights
-    ids_a = [s.segment_id() for s in split_model(a)]
-    assert ids_a == [s.segment_id() for s in split_model(b)]
+    ids_a = [s.segment_id() for s in split_model(a, recipe)]
+    assert ids_a == [s.segment_id() for s in split_model(b, recipe)]
     assert len(set(ids_a)) == len(ids_a)
     c = copy.deepcopy(a)
     with torch.no_grad():
         c.layer2[0].conv1.weight[0, 0, 0, 0] += 1e-3
-    ids_c = [s.segment_id() for s in split_model(c)]
+    ids_c = [s.segment_id() for s in split_model(c, recipe)]
     assert ids_c[2] != ids_a[2]  # layer2 changed
     assert ids_c[:2] == ids_a[:2] and ids_c[3:] == ids_a[3:]
+    other = recipe | {"kwargs": {"drop_rate": 0.1}}  # same weights, another recipe
+    assert [s.segment_id() for s in split_model(a, other)][0] != ids_a[0]
+
+
+def test_a_segment_id_needs_the_recipe():
+    segments = split_model(tiny("test_resnet"))
+    assert segments[1].index == 1 and segments[1].recipe is None
+    with pytest.raises(ValueError, match=r"split_model\(model, recipe=\.\.\.\)"):
+        segments[0].segment_id()
+    with pytest.raises(ValueError, match="not this model's architecture 'test_resnet'"):
+        split_model(tiny("test_resnet"), tiny_recipe("vit"))
+    with pytest.raises(ValueError, match="exactly the keys"):
+        split_model(tiny("test_resnet"), {"model": "test_resnet"})
 
 
 def test_unsupported_family_is_named():

@@ -20,7 +20,9 @@ import yaml
 from PIL import Image
 
 from device_agent.cache import SegmentCache, provision
+from device_agent.infer_client import Connection, npy_body
 from device_agent.infer_client import main as infer_main
+from device_agent.infer_client import post as post_body
 from device_agent.localapi import LocalAPI
 from device_agent.runtime import LatencyWindow, Loaded, ModelSlot
 from device_agent.serving import BadInput, Serving, Unavailable, to_input
@@ -144,6 +146,134 @@ def test_local_http_api_and_restnet_infer(tmp_path, capsys):
     try:
         assert infer_main([str(tmp_path / "a.png"), "--socket", str(sock), "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["generation"] == 7
+    finally:
+        api.stop()
+
+
+def npy(x: np.ndarray) -> bytes:
+    """What numpy.save writes, pickles allowed (to send what the agent must refuse)."""
+    buf = io.BytesIO()
+    np.save(buf, x, allow_pickle=True)
+    return buf.getvalue()
+
+
+def read_answer(f) -> tuple[int, dict]:
+    """The status and JSON body of an answer, read from the socket file `f`."""
+    status, length = int(f.readline().split()[1]), 0
+    while (line := f.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        length = int(value) if name.lower() == b"content-length" else length
+    return status, json.loads(f.read(length))
+
+
+def test_npy_and_image_bodies_on_kept_connections_over_tcp_and_a_unix_socket(tmp_path):
+    """The fast path: a .npy or image file as the body, on one kept-alive connection, over
+    TCP or a Unix socket; answers equal the JSON body's; bad bodies get a 400 saying why."""
+    slot, latency = ModelSlot(), LatencyWindow()
+    slot.swap(loaded(2.0, 7))
+    latency.reset(slot.get())
+    serving = Serving(slot, latency)
+    tcp, unix = LocalAPI(serving, port=0), LocalAPI(serving, path=tmp_path / "api.sock")
+    tcp.start()
+    unix.start()
+    try:
+        img = RNG.integers(0, 256, (2, 8, 8), dtype=np.uint8)
+        want = post(f"http://127.0.0.1:{tcp.port}/v1/infer",
+                    json.dumps({"array": img.tolist()}).encode())[1]["scores"]
+        for conn in (Connection(tcp.port), Connection(socket=tmp_path / "api.sock")):
+            for x in (img, img.astype(np.float32) / 255, img.astype(">f4") / 255,
+                      np.asfortranarray(img), img[..., None]):  # N×H×W×1
+                status, doc = post_body(conn, npy_body(x))
+                assert status == 200 and doc["generation"] == 7, doc
+                np.testing.assert_allclose(doc["scores"], want, atol=1e-5)
+            kept = conn._sock
+            status, doc = post_body(conn, png(img[0]), "image/png")
+            assert status == 200
+            np.testing.assert_allclose(doc["scores"], want[:1], atol=1e-5)
+            assert conn._sock is kept  # one connection for all of them
+
+            header = io.BytesIO()
+            np.lib.format.write_array_header_1_0(
+                header, {"descr": "|u1", "fortran_order": False, "shape": (-1, 8)})
+            for body, says in [
+                (b"not a npy file", "not a .npy array"),
+                (npy(np.array([{"a": 1}], dtype=object)), "dtype object"),
+                (npy(np.zeros((1, 8, 8), np.complex64)), "dtype complex64"),
+                (npy(img)[:-5], "the body holds"),
+                (header.getvalue(), "negative"),
+            ]:
+                status, doc = post_body(conn, body)
+                assert status == 400 and says in doc["error"], (says, doc)
+            status, doc = post_body(conn, b"\x89PNG broken", "image/png")
+            assert status == 400 and "not an image file" in doc["error"]
+            status, doc = post_body(conn, b"", "application/json")  # 413, and closed ...
+            assert status == 413 and conn._sock is None
+            assert post_body(conn, npy_body(img))[0] == 200  # ... so the next one reconnects
+        assert latency.count == 2 * 7 + 1
+
+        with socket.create_connection(("127.0.0.1", tcp.port), timeout=10) as s:
+            s.sendall(b"POST /v1/infer HTTP/1.1\r\nContent-Length: 100\r\n"
+                      b"Content-Type: application/x-npy\r\n\r\nshort")
+            s.shutdown(socket.SHUT_WR)
+            status, doc = read_answer(s.makefile("rb"))
+            assert status == 400 and "ended before" in doc["error"]
+        with socket.create_connection(("127.0.0.1", tcp.port), timeout=10) as s:
+            body = npy_body(img)
+            s.sendall(b"POST /v1/infer HTTP/1.1\r\nExpect: 100-continue\r\nContent-Type: "
+                      b"application/x-npy\r\nContent-Length: %d\r\n\r\n" % len(body))
+            f = s.makefile("rb")
+            assert f.readline() == b"HTTP/1.1 100 Continue\r\n"  # at once, not buffered
+            assert f.readline() == b"\r\n"
+            s.sendall(body)
+            assert read_answer(f)[0] == 200
+    finally:
+        tcp.stop()
+        unix.stop()
+
+
+def test_a_kept_connection_the_agent_closed_is_opened_afresh():
+    """The agent closes an idle connection after 30 s: the client's next request goes out on
+    a new one instead of failing."""
+    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+              b"\r\n{}")
+    closed = threading.Event()
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+
+        def agent() -> None:
+            for _ in range(2):  # answer one request per connection, then close it
+                conn, _ = server.accept()
+                with conn:
+                    conn.recv(65536)
+                    conn.sendall(answer)
+                closed.set()
+
+        t = threading.Thread(target=agent, daemon=True)
+        t.start()
+        conn = Connection(server.getsockname()[1], timeout=10)
+        assert post_body(conn, b"x") == (200, {})
+        assert closed.wait(10)
+        assert post_body(conn, b"x") == (200, {})
+        t.join(10)
+        assert not t.is_alive()
+
+
+def test_connection_threads_are_kept_for_later_connections():
+    """A new connection reuses an idle one's thread: no thread (and no torch thread team)
+    is started per connection."""
+    slot, latency = ModelSlot(), LatencyWindow()
+    slot.swap(loaded(1.0, 1))
+    api = LocalAPI(Serving(slot, latency), port=0)
+    api.start()
+    pool = api._server
+    try:
+        for _ in range(5):  # urllib: a new connection per request
+            assert post(f"http://127.0.0.1:{api.port}/v1/infer", b'{"array": [[1]]}')[0] == 200
+            deadline = time.monotonic() + 10  # the server sees the connection close
+            while pool._idle < pool._threads and time.monotonic() < deadline:
+                time.sleep(0.001)
+        assert pool._threads == 1
     finally:
         api.stop()
 
