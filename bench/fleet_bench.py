@@ -56,7 +56,6 @@ import multiprocessing as mp
 import os
 import random
 import re
-import shlex
 import signal
 import statistics
 import sys
@@ -65,6 +64,8 @@ import threading
 import time
 import traceback
 from pathlib import Path
+
+from benchlib import command_line  # bench/ is the script's own folder
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -989,15 +990,6 @@ def write_results(lines: list[str]) -> Path:
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-def command_line() -> str:
-    argv = list(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
-    try:
-        argv[0] = os.path.relpath(argv[0]) if argv[0].startswith(str(ROOT)) else argv[0]
-    except ValueError:
-        pass
-    return shlex.join(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,6 @@ import json
 import multiprocessing as mp
 import os
 import re
-import shlex
 import sys
 import statistics
 import tempfile
@@ -52,6 +51,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from benchlib import command_line  # bench/ is the script's own folder
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -267,15 +268,6 @@ def write_results(lines: list[str]) -> Path:
     tmp.write_text(text)
     os.replace(tmp, path)
     return path
-
-
-def command_line() -> str:
-    argv = list(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
-    try:
-        argv[0] = os.path.relpath(argv[0]) if argv[0].startswith(str(ROOT)) else argv[0]
-    except ValueError:
-        pass
-    return shlex.join(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,6 @@ what the previous model served before the swap, and goes back to the previous mo
 regression without dropping a request; the controller records that and avoids the model."""
 import json
 import random
-import threading
 import time
 
 import numpy as np
@@ -14,14 +13,14 @@ import torch
 from device_agent.canary import CanaryConfig, ServedFigures, Summary, canary_verdict
 from device_agent.localapi import LocalAPI
 from device_agent.runtime import LatencyWindow, ModelSlot
-from device_agent.serving import BadInput, Serving, UnknownRequest, to_input
+from device_agent.serving import BadInput, Serving, UnknownRequest
 from fleet_controller.artifacts import Artifacts
 from fleet_protocol.messages import Ack, Capabilities, Desired, State, Telemetry, decode, encode
 from fleet_protocol.signing import KeyDir, seal, unverified
 from fleetloop import T, healthy
 from stitch_lib.inputs import InputSpec
 from test_dos import device_client
-from test_serving import loaded, post
+from test_serving import Traffic, check_answers, loaded, post
 
 RNG = np.random.default_rng(1)
 
@@ -277,28 +276,8 @@ def test_requests_are_answered_through_a_canary_rollback(loop, catalog, keys):
     api = LocalAPI(agent.serving, port=0)
     api.start()
     images = RNG.integers(0, 256, (32, 32, 32), dtype=np.uint8)
-    body = json.dumps({"array": images.tolist()}).encode()
-    stop, answers, failures = threading.Event(), [], []
-
-    def client(over_http: bool) -> None:
-        while not stop.is_set():
-            t0 = time.perf_counter()
-            try:
-                if over_http:
-                    status, doc = post(f"http://127.0.0.1:{api.port}/v1/infer", body)
-                    assert status == 200, doc
-                    gen, scores = doc["generation"], doc["scores"]
-                else:
-                    p = agent.infer(images)
-                    gen, scores = p.generation, p.scores
-            except Exception as exc:  # counted: the test wants none
-                failures.append(repr(exc))
-                continue
-            answers.append((t0, time.perf_counter(), gen, scores))
-
-    threads = [threading.Thread(target=client, args=(k == 0,)) for k in range(3)]
-    for t in threads:
-        t.start()
+    traffic = Traffic(agent, api.port, images)
+    answers, failures = traffic.answers, traffic.failures
     try:
         loop.run_until(lambda: agent.serving.figures.summary(1).answered >= 10)
         # the simulated batch-1 latency of the health check fits 5 times over; 32 real
@@ -309,9 +288,7 @@ def test_requests_are_answered_through_a_canary_rollback(loop, catalog, keys):
         n = len(answers)
         loop.run_until(lambda: len(answers) >= n + 5)  # the model before serves again
     finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
+        traffic.stop()
         api.stop()
 
     assert not failures and agent.serving.errors == 0, failures[:3]
@@ -323,19 +300,7 @@ def test_requests_are_answered_through_a_canary_rollback(loop, catalog, keys):
     assert [g for _, _, g in changes] == [1, 2, 1]
     assert {1, 2} <= {g for _, _, g, _ in answers}
 
-    def serving_at_some_moment(t0, t1, gen):
-        for k, (before, _, g) in enumerate(changes):
-            until = changes[k + 1][1] if k + 1 < len(changes) else float("inf")
-            if g == gen and before <= t1 and until >= t0:
-                return True
-        return False
-
-    x = torch.from_numpy(images)
-    expected = {g: torch.softmax(m(to_input(x, InputSpec(1, (32, 32)))), 1)
-                for g, m in modules.items()}
-    for t0, t1, gen, scores in answers:
-        assert serving_at_some_moment(t0, t1, gen), (t0, t1, gen, changes)
-        assert torch.allclose(torch.tensor(scores), expected[gen], atol=1e-5), gen
+    check_answers(answers, changes, images, modules)
     assert healthy(agent) == 2 and agent.slot.previous is None
 
 

@@ -308,6 +308,59 @@ def test_a_full_queue_refuses_at_once():
     assert serving.requests == 2 and serving.errors == 1 and serving.queue_depth == 0
 
 
+class Traffic:
+    """Three clients asking `agent` about `images` until `stop()`: one over the local HTTP API
+    on `port`, two in process; each answer as (t0, t1, generation, scores), each failure kept."""
+
+    def __init__(self, agent, port: int, images: np.ndarray) -> None:
+        self.agent, self.url, self.images = agent, f"http://127.0.0.1:{port}/v1/infer", images
+        self.body = json.dumps({"array": images.tolist()}).encode()
+        self.answers, self.failures, self._stop = [], [], threading.Event()
+        self.threads = [threading.Thread(target=self._client, args=(k == 0,)) for k in range(3)]
+        for t in self.threads:
+            t.start()
+
+    def _client(self, over_http: bool) -> None:
+        while not self._stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                if over_http:
+                    status, doc = post(self.url, self.body)
+                    assert status == 200, doc
+                    gen, scores = doc["generation"], doc["scores"]
+                else:
+                    p = self.agent.infer(self.images)
+                    gen, scores = p.generation, p.scores
+            except Exception as exc:  # counted: the test wants none
+                self.failures.append(repr(exc))
+                continue
+            self.answers.append((t0, time.perf_counter(), gen, scores))
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self.threads:
+            t.join(30)
+
+
+def check_answers(answers, changes, images, modules) -> None:
+    """Every answer came whole from one model: the generation it names was serving at some
+    moment while it ran (`changes`: (t0, t1, generation) of each swap or rollback), and its
+    scores are that model's on `images`."""
+    def serving_at_some_moment(t0, t1, gen):
+        for k, (before, _, g) in enumerate(changes):
+            until = changes[k + 1][1] if k + 1 < len(changes) else float("inf")
+            if g == gen and before <= t1 and until >= t0:
+                return True
+        return False
+
+    x = torch.from_numpy(images)
+    expected = {g: torch.softmax(m(to_input(x, InputSpec(1, (32, 32)))), 1)
+                for g, m in modules.items()}
+    for t0, t1, gen, scores in answers:
+        assert serving_at_some_moment(t0, t1, gen), (t0, t1, gen, changes)
+        assert torch.allclose(torch.tensor(scores), expected[gen], atol=1e-5), gen
+
+
 def test_requests_run_whole_on_one_model_through_swaps_and_a_rollback(loop, catalog, keys):
     """Threads classify the same images, in process and over HTTP, while signed deployments
     swap the model three times and a health check rolls one back: no request fails, and each
@@ -357,27 +410,8 @@ def test_requests_run_whole_on_one_model_through_swaps_and_a_rollback(loop, cata
     api.start()
     images = RNG.integers(0, 256, (2, 32, 32), dtype=np.uint8)
     body = json.dumps({"array": images.tolist()}).encode()
-    stop, answers, failures = threading.Event(), [], []
-
-    def client_loop(over_http: bool) -> None:
-        while not stop.is_set():
-            t0 = time.perf_counter()
-            try:
-                if over_http:
-                    status, doc = post(f"http://127.0.0.1:{api.port}/v1/infer", body)
-                    assert status == 200, doc
-                    gen, scores = doc["generation"], doc["scores"]
-                else:
-                    p = agent.infer(images)
-                    gen, scores = p.generation, p.scores
-            except Exception as exc:  # counted: the test wants none
-                failures.append(repr(exc))
-                continue
-            answers.append((t0, time.perf_counter(), gen, scores))
-
-    threads = [threading.Thread(target=client_loop, args=(k == 0,)) for k in range(3)]
-    for t in threads:
-        t.start()
+    traffic = Traffic(agent, api.port, images)
+    answers, failures = traffic.answers, traffic.failures
     try:
         for k, (entry, extra) in enumerate(plan[1:], start=2):
             n = len(answers)
@@ -385,9 +419,7 @@ def test_requests_run_whole_on_one_model_through_swaps_and_a_rollback(loop, cata
             loop.run_until(lambda: len(answers) >= n + 5)  # requests ran on each model
         loop.run_until(lambda: any(decode(Telemetry, p).requests > 0 for _, p in telemetry))
     finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
+        traffic.stop()
         api.stop()
 
     assert not failures and agent.serving.errors == 0, failures[:3]
@@ -397,19 +429,7 @@ def test_requests_run_whole_on_one_model_through_swaps_and_a_rollback(loop, cata
     gens = {g for _, _, g, _ in answers}
     assert {2, 3, 5} <= gens, gens  # every healthy model served
 
-    def serving_at_some_moment(t0, t1, gen):
-        for k, (before, _, g) in enumerate(changes):
-            until = changes[k + 1][1] if k + 1 < len(changes) else float("inf")
-            if g == gen and before <= t1 and until >= t0:
-                return True
-        return False
-
-    x = torch.from_numpy(images)
-    expected = {g: torch.softmax(m(to_input(x, InputSpec(1, (32, 32)))), 1)
-                for g, m in modules.items()}
-    for t0, t1, gen, scores in answers:
-        assert serving_at_some_moment(t0, t1, gen), (t0, t1, gen, changes)
-        assert torch.allclose(torch.tensor(scores), expected[gen], atol=1e-5), gen
+    check_answers(answers, changes, images, modules)
 
     reports = [decode(Telemetry, p) for _, p in telemetry]
     busy = next(r for r in reports if r.requests > 0)
