@@ -7,7 +7,7 @@ so every fuzz test (each controller and agent handler, the codecs and the fleet.
 draws `scale` times as many fresh ones, counts the inputs actually run (RESTNET_FUZZ_COUNT) and
 prints the count per test, the total and the crashes (failed tests: a handler that raised, or
 a bad input that was not refused). Exit status 0 when nothing crashed and the total reached
---target. The default scale reaches 100,000 inputs; at that size it runs for an hour or more.
+--target. The default scale reaches 100,000 inputs in about five minutes on 2 cores.
 """
 from __future__ import annotations
 
