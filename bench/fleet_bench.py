@@ -55,7 +55,6 @@ import math
 import multiprocessing as mp
 import os
 import random
-import re
 import signal
 import statistics
 import sys
@@ -65,7 +64,7 @@ import time
 import traceback
 from pathlib import Path
 
-from benchlib import command_line  # bench/ is the script's own folder
+from benchlib import command_line, write_block  # bench/ is the script's own folder
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -973,19 +972,7 @@ def served_lines(r: dict, args) -> list[str]:
 
 
 def write_results(lines: list[str]) -> Path:
-    path = ROOT / "docs" / "results.md"
-    text = path.read_text() if path.exists() else "# Results\n"
-    block = START + "\n" + "\n".join(lines).rstrip() + "\n" + END
-    if START in text and END in text:
-        text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: block, text,
-                      flags=re.S)
-    else:
-        text += "\n## Fleet: reaction, intake, bytes, memory\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return write_block(START, END, lines, "## Fleet: reaction, intake, bytes, memory")
 
 
 def _interrupt(signum, frame) -> None:

@@ -39,7 +39,6 @@ import http.client
 import json
 import multiprocessing as mp
 import os
-import re
 import sys
 import statistics
 import tempfile
@@ -52,7 +51,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from benchlib import command_line  # bench/ is the script's own folder
+from benchlib import command_line, write_block  # bench/ is the script's own folder
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -253,21 +252,7 @@ def table(rows: list[dict]) -> list[str]:
 def write_results(lines: list[str]) -> Path:
     """Put `lines` between the serve-bench markers of docs/results.md (a new section before
     the fleet's when there are none yet)."""
-    path = ROOT / "docs" / "results.md"
-    text = path.read_text() if path.exists() else "# Results\n"
-    block = START + "\n" + "\n".join(lines).rstrip() + "\n" + END
-    if START in text and END in text:
-        text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: block, text,
-                      flags=re.S)
-    else:
-        section = f"{SECTION}\n\n{block}\n\n"
-        fleet = re.search(r"^## Fleet", text, flags=re.M)
-        text = (text[:fleet.start()] + section + text[fleet.start():] if fleet
-                else text.rstrip("\n") + "\n\n" + section)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return write_block(START, END, lines, SECTION, before="## Fleet")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from fleet_protocol.signing import KeyDir, seal, unverified
 from fleetloop import T, healthy
 from stitch_lib.inputs import InputSpec
 from test_dos import device_client
-from test_serving import Traffic, check_answers, loaded, post
+from test_serving import Traffic, check_answers, loaded, log_swaps, post
 
 RNG = np.random.default_rng(1)
 
@@ -254,23 +254,7 @@ def test_requests_are_answered_through_a_canary_rollback(loop, catalog, keys):
     dev = "jetson-canary"
     agent = loop.add_agent(dev, cls="jetson", canary=CanaryConfig(min_samples=10))
     deploy, acks = _publisher(loop, keys, catalog, dev)
-    changes, modules = [], {}
-    swap, rollback = agent.slot.swap, agent.slot.rollback
-
-    def logged_swap(new):
-        t0 = time.perf_counter()
-        ms = swap(new)
-        modules[new.generation] = new.module
-        changes.append((t0, time.perf_counter(), new.generation))
-        return ms
-
-    def logged_rollback():
-        t0 = time.perf_counter()
-        cur = rollback()
-        changes.append((t0, time.perf_counter(), cur.generation))
-        return cur
-
-    agent.slot.swap, agent.slot.rollback = logged_swap, logged_rollback
+    changes, modules = log_swaps(agent)
     first, second = catalog.anchors[0], catalog.anchors[1]
     deploy(1, first)
     api = LocalAPI(agent.serving, port=0)

@@ -308,6 +308,29 @@ def test_a_full_queue_refuses_at_once():
     assert serving.requests == 2 and serving.errors == 1 and serving.queue_depth == 0
 
 
+def log_swaps(agent) -> tuple[list, dict]:
+    """Record the agent's swaps and rollbacks: (before, after, generation serving after) of
+    each, and each generation's module."""
+    changes, modules = [], {}
+    swap, rollback = agent.slot.swap, agent.slot.rollback
+
+    def logged_swap(new):
+        t0 = time.perf_counter()
+        ms = swap(new)
+        modules[new.generation] = new.module
+        changes.append((t0, time.perf_counter(), new.generation))
+        return ms
+
+    def logged_rollback():
+        t0 = time.perf_counter()
+        cur = rollback()
+        changes.append((t0, time.perf_counter(), cur.generation))
+        return cur
+
+    agent.slot.swap, agent.slot.rollback = logged_swap, logged_rollback
+    return changes, modules
+
+
 class Traffic:
     """Three clients asking `agent` about `images` until `stop()`: one over the local HTTP API
     on `port`, two in process; each answer as (t0, t1, generation, scores), each failure kept."""
@@ -377,24 +400,7 @@ def test_requests_run_whole_on_one_model_through_swaps_and_a_rollback(loop, cata
             (hybrids[1], {"latency_budget_ms": 1e-6}),  # unhealthy: rolled back
             (anchors[2], {})]
 
-    changes = []  # (before, after, generation serving after): a swap happened in between
-    modules = {}
-    swap, rollback = agent.slot.swap, agent.slot.rollback
-
-    def logged_swap(new):
-        t0 = time.perf_counter()
-        ms = swap(new)
-        modules[new.generation] = new.module
-        changes.append((t0, time.perf_counter(), new.generation))
-        return ms
-
-    def logged_rollback():
-        t0 = time.perf_counter()
-        cur = rollback()
-        changes.append((t0, time.perf_counter(), cur.generation))
-        return cur
-
-    agent.slot.swap, agent.slot.rollback = logged_swap, logged_rollback
+    changes, modules = log_swaps(agent)
 
     def deploy(k, entry, extra):
         front, back = arts.split(entry)
