@@ -22,8 +22,10 @@ For every fleet size N, in a fresh private broker:
    device IDs (so the controller plans on every message: twin update, open-deployment lookup
    in SQLite, the planner over the catalog — its real work). The controller and a bare paho
    subscriber that only counts (its own ClientHost thread in this process, so the two share
-   one GIL) both receive it; intake = messages handled per second during the flood window,
-   also given per CPU-second of each one's thread.
+   one GIL) both receive it; intake = messages taken in per second during the flood window,
+   also given per CPU-second of each one's thread. The controller conflates telemetry (a
+   device's newest report replaces an unapplied older one), so the messages it took in are
+   split into applied (validated, twin updated, planned) and conflated.
 3. Bytes per adaptation. For each deployment the staggered drop caused: the desired payload
    the controller sent (SQLite `payload_bytes`, plus any segment chunks) against the whole
    model it deploys (catalog `model_bytes`); the median of the per-deployment ratios.
@@ -42,8 +44,9 @@ For every fleet size N, in a fresh private broker:
    scored report, on a device's first model, and on the first report of a model new to it.
 
 Prints markdown tables (the command line first) and writes them into docs/results.md between
-the fleet-bench markers. Targets (figures, not assertions): reaction p99 < 1 s at 1,000
-devices; intake ≥ 0.5 of the bare subscriber; median adaptation < 2% of the whole model.
+the fleet-bench markers. Targets (figures, not assertions), from the denial-of-service issue:
+reaction p99 ≤ 250 ms staggered and ≤ 600 ms all at once; intake ≥ 0.8 of the bare
+subscriber; median adaptation < 2% of the whole model.
 Every phase has a deadline; brokers and processes are cleaned up on error too.
 """
 from __future__ import annotations
@@ -698,18 +701,21 @@ class Run:
                 raise RuntimeError(f"flood process: {_}")
             stats = self.ctl.stats
 
-            def ctl_count() -> int:
+            def applied() -> int:
                 return stats["in_telemetry"] + stats["dropped"]
 
+            def ctl_count() -> int:  # taken in: applied, or replaced by a newer report
+                return applied() + stats["telemetry_conflated"]
+
             tids = (self.thread.native_id, bare_thread.native_id)
-            c0, b0, p0 = ctl_count(), bare["n"], self.ctl.stats["errors"]
+            c0, b0, p0, a0 = ctl_count(), bare["n"], self.ctl.stats["errors"], applied()
             cpu0 = thread_cpu(tids)
             w0 = time.monotonic()
             flood_conn.send(("go",))
             kind, done = _recv(flood_conn, self.args.flood_s + 30, flood)
             if kind != "done":
                 raise RuntimeError(f"flood process: {done}")
-            c1, b1 = ctl_count(), bare["n"]
+            c1, b1, a1 = ctl_count(), bare["n"], applied()
             window = time.monotonic() - w0
             cpu1 = thread_cpu(tids)
             state = {"last": None, "since": time.monotonic()}
@@ -726,6 +732,7 @@ class Run:
             self.row["intake"] = dict(
                 sent=sent, pub_rate=sent / (done["t1"] - done["t0"]), window=window,
                 ctl_rate=(c1 - c0) / window, bare_rate=(b1 - b0) / window,
+                applied_rate=(a1 - a0) / window,
                 ctl_total=c2 - c0, bare_total=b2 - b0, drain_s=drain_s,
                 ctl_errors=self.ctl.stats["errors"] - p0,
                 ctl_cpu=cpu1[0] - cpu0[0], bare_cpu=cpu1[1] - cpu0[1])
@@ -846,13 +853,16 @@ def tables(rows: list[dict], args) -> list[str]:
                 _pp(ph["e2e"]), _pp(parts["controller"]), _pp(parts["delivery"]),
                 _pp(parts["device"]), _pp(parts["ack"])]) + " |")
     out.append("")
-    out.append("Intake (messages/s handled during the flood, and per CPU-second of the handling "
-               "thread) and bytes (summed over the staggered adaptations):")
+    out.append("Intake (messages/s taken in during the flood, and per CPU-second of the handling "
+               "thread; of the controller's, those applied — the rest were conflated, replaced "
+               "by a newer report of the same device before they were applied) and bytes "
+               "(summed over the staggered adaptations):")
     out.append("")
-    out.append("| N | flood sent/s | controller msg/s (per CPU-s) | bare msg/s (per CPU-s) "
+    out.append("| N | flood sent/s | controller msg/s (per CPU-s) | of which applied/s "
+               "| bare msg/s (per CPU-s) "
                "| ratio per CPU-s | handled after drain ctl / bare | bytes sent / adaptation "
                "| whole model / adaptation | aggregate ratio | steady s | wall s |")
-    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         s, i = r.get("stagger") or {}, r.get("intake") or {}
         ad = s.get("healthy") or 0
@@ -861,6 +871,7 @@ def tables(rows: list[dict], args) -> list[str]:
         out.append("| " + " | ".join([
             r["label"], _fmt(i.get("pub_rate")),
             f"{_fmt(i.get('ctl_rate'))} ({_fmt(i.get('ctl_per_cpu'))})" if i else "—",
+            _fmt(i.get("applied_rate")),
             f"{_fmt(i.get('bare_rate'))} ({_fmt(i.get('bare_per_cpu'))})" if i else "—",
             _fmt(i.get("cpu_ratio"), "{:.2f}"),
             f"{i['ctl_total']} / {i['bare_total']} of {i['sent']}" if i else "—",
@@ -894,15 +905,17 @@ def target_lines(rows: list[dict]) -> list[str]:
     out = []
     for r in rows:
         s, i = r.get("stagger") or {}, r.get("intake") or {}
-        rx, ratios = s.get("reactions") or [], s.get("ratios") or []
-        checks = []
-        if rx:
-            p99 = percentile(rx, 99)
-            checks.append(f"reaction p99 {p99:.0f} ms {'<' if p99 < 1000 else '≥'} 1 s "
-                          f"({'met' if p99 < 1000 else 'NOT met'})")
+        ratios, checks = s.get("ratios") or [], []
+        for phase, limit in (("stagger", 250), ("burst", 600)):
+            rx = (r.get(phase) or {}).get("reactions") or []
+            if rx:
+                p99 = percentile(rx, 99)
+                checks.append(f"reaction p99 ({phase}) {p99:.0f} ms "
+                              f"{'≤' if p99 <= limit else '>'} {limit} ms "
+                              f"({'met' if p99 <= limit else 'NOT met'})")
         if i.get("ratio") is not None:
-            checks.append(f"intake {i['ratio']:.2f} {'≥' if i['ratio'] >= 0.5 else '<'} 0.5 "
-                          f"({'met' if i['ratio'] >= 0.5 else 'NOT met'})")
+            checks.append(f"intake {i['ratio']:.2f} {'≥' if i['ratio'] >= 0.8 else '<'} 0.8 "
+                          f"({'met' if i['ratio'] >= 0.8 else 'NOT met'})")
         if ratios:
             med = statistics.median(ratios)
             checks.append(f"median adaptation {med:.2%} {'<' if med < 0.02 else '≥'} 2% "

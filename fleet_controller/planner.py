@@ -75,6 +75,16 @@ class Candidate:
     segments: tuple[str, ...]
     stitch_state: str | None
     terms: tuple[Term, ...] = ()  # per segment; empty: the whole model is one "model" term
+    # (kind, FLOPs, catalog latency) summed over the cost terms of each kind: the planner's
+    # hot path (`_prior_by_kind`)
+    by_kind: tuple[tuple[str, int, float], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        out: dict[str, tuple[int, float]] = {}
+        for t in self.cost_terms:
+            f, ms = out.get(t.kind, (0, 0.0))
+            out[t.kind] = (f + t.flops, ms + t.latency_ms)
+        object.__setattr__(self, "by_kind", tuple((k, f, ms) for k, (f, ms) in out.items()))
 
     @classmethod
     def from_entry(cls, e: Any) -> Candidate:
@@ -99,6 +109,10 @@ class Candidate:
         return self.terms or (Term("model", self.flops, self.latency_ms),)
 
 
+def _clamp(x: float, lo: float, hi: float) -> float:
+    return min(max(x, lo), hi)
+
+
 @dataclass(frozen=True)
 class Speeds:
     """What the planner has learned of one device's speed: device time over prior time, as
@@ -116,9 +130,17 @@ class Speeds:
         return cls(tuple(d["kinds"]), tuple(d["mean"]), tuple(tuple(r) for r in d["cov"]),
                    int(d["reports"]))
 
+    def __post_init__(self) -> None:  # the factors, once (not fields: not stored)
+        object.__setattr__(self, "_overall", _clamp(self.mean[0], SPEED_MIN, SPEED_MAX))
+        object.__setattr__(self, "_factors", {
+            k: _clamp(self.mean[0] + self.mean[i + 1], SPEED_MIN, SPEED_MAX)
+            for i, k in enumerate(self.kinds)})
+
     def factor(self, kind: str) -> float:
-        k = self.kinds.index(kind) + 1 if kind in self.kinds else 0
-        return _clamp(self.mean[0] + (self.mean[k] if k else 0.0), SPEED_MIN, SPEED_MAX)
+        return self._factors.get(kind, self._overall)
+
+
+NO_SPEEDS = Speeds()  # nothing learned yet
 
 
 @dataclass
@@ -184,27 +206,22 @@ def silent(twin: Twin, now: float, timeout_s: float) -> bool:
     return twin.online and now - twin.last_seen > timeout_s
 
 
-def _clamp(x: float, lo: float, hi: float) -> float:
-    return min(max(x, lo), hi)
-
-
-def prior_ms(twin: Twin, term: Term) -> float:
-    """A segment's time on this device before anything is learned: the class's nominal
-    figure (FLOPs ÷ reported GFLOPS), else the catalog machine's."""
-    return term.flops / (twin.gflops * 1e6) if twin.gflops else term.latency_ms
-
-
 def _prior_by_kind(twin: Twin, c: Candidate) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for t in c.cost_terms:
-        out[t.kind] = out.get(t.kind, 0.0) + prior_ms(twin, t)
-    return out
+    """Each kind's time on this device before anything is learned: the class's nominal
+    figure (FLOPs ÷ reported GFLOPS), else the catalog machine's."""
+    if twin.gflops:
+        return {k: f / (twin.gflops * 1e6) for k, f, _ in c.by_kind}
+    return {k: ms for k, _, ms in c.by_kind}
 
 
 def predict_ms(twin: Twin, c: Candidate) -> float:
-    """Predicted p50 latency of `c` on this device (see the module docstring)."""
-    speeds = twin.speed or Speeds()
-    return sum(ms * speeds.factor(kind) for kind, ms in _prior_by_kind(twin, c).items())
+    """Predicted p50 latency of `c` on this device (see the module docstring): each kind's
+    prior time (`_prior_by_kind`, inlined: the planner's hot path) times its learned factor."""
+    speeds = twin.speed or NO_SPEEDS
+    if twin.gflops:
+        per_ms = twin.gflops * 1e6
+        return sum(f / per_ms * speeds.factor(kind) for kind, f, _ in c.by_kind)
+    return sum(ms * speeds.factor(kind) for kind, _, ms in c.by_kind)
 
 
 def tail_factor(twin: Twin) -> float:

@@ -64,6 +64,7 @@ def _build(args: argparse.Namespace) -> Catalog:
 
     cfg = BuildConfig(top_k=args.top_k, screen=args.screen, finetune=args.finetune,
                       directions=args.directions, stitch_hidden=args.stitch_hidden,
+                      rank_steps=args.rank_steps,
                       ft=TrainConfig(lr=3e-3, steps=args.ft_steps, n_train=args.ft_n_train,
                                      patience=2, distill=args.ft_distill))
     zoo, splits, data = _anchors(args)
@@ -99,6 +100,9 @@ def catalog_main(argv: list[str]) -> int:
                    help="weight of distillation from the front anchor (0-1)")
     b.add_argument("--stitch-hidden", type=int, default=BuildConfig.stitch_hidden,
                    help="width of each stitch's residual branch (0: linear stitches only)")
+    b.add_argument("--rank-steps", type=int, default=BuildConfig.rank_steps,
+                   help="rank candidate points by validation accuracy after this many stitch "
+                        "fine-tuning steps (0: by the least-squares start)")
     s = sub.add_parser("show", help="print the catalog and write its Pareto plot")
     s.add_argument("--home", type=Path, default=DEFAULT_HOME)
     s.add_argument("-v", "--verbose", action="store_true")

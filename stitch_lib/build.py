@@ -8,7 +8,9 @@ anchors (the ReStNet direction — larger in front — or both):
 2. screen: keep the `screen` shape-feasible points with the highest CKA;
 3. rank: initialise each survivor by least squares (under a second) and keep the `top_k` with
    the best validation accuracy — measured to predict fine-tuned accuracy far better than
-   CKA does (DESIGN §3).
+   CKA does (DESIGN §3) — or, with `rank_steps`, the best validation accuracy after that many
+   steps of stitch fine-tuning from the least-squares start (a measurement only: the kept
+   hybrids go back to their least-squares start).
 Each stitch is linear plus a zero-initialised residual branch of width `stitch_hidden` (see
 `stitch`): the ranking sees exactly the least-squares fit, fine-tuning trains both.
 Then: drop any hybrid that costs more FLOPs than its dearer anchor; fine-tune the stitches
@@ -19,6 +21,7 @@ everything; record which hybrids are useful and the coverage (`catalog.usefulnes
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,10 +55,14 @@ class BuildConfig:
         lr=3e-3, steps=600, n_train=10000, patience=2))
     latency_rounds: int = 30
     stitch_hidden: int = 64  # width of each stitch's residual branch; 0 = linear stitches
+    rank_steps: int = 0  # > 0: rank candidates by val acc after this many fine-tuning steps
 
     def __post_init__(self) -> None:
         if self.finetune not in FINETUNE_MODES:
             raise ValueError(f"finetune must be one of {FINETUNE_MODES}, got {self.finetune!r}")
+        if self.rank_steps < 0:
+            raise ValueError(f"rank_steps must be >= 0 (0: rank by the least-squares start), "
+                             f"got {self.rank_steps}")
         if self.directions not in ("restnet", "both"):
             raise ValueError(f"directions must be 'restnet' or 'both', got {self.directions!r}")
         if self.top_k < 1 or self.screen < self.top_k:
@@ -122,19 +129,25 @@ def _wire_size(tensors: dict[str, torch.Tensor]) -> int:
 
 def _ranked_points(a: Anchor, b: Anchor, splits: DataSplits, cfg: BuildConfig,
                    m: torch.Tensor, candidates: list[dict]) -> list[tuple[Hybrid, dict]]:
-    """Anchors trained apart: CKA screen, then the top-k by least-squares validation accuracy."""
+    """Anchors trained apart: CKA screen, then the top-k by least-squares validation accuracy,
+    or by validation accuracy after `cfg.rank_steps` steps of stitch fine-tuning."""
     calib = splits.calib.x
     pts = sorted(feasible_points(a.segments, b.segments, calib),
                  key=lambda p: -float(m[p]))[: cfg.screen]
-    ranked = []
+    ranked, cache = [], FrontCache()  # this pair's fronts, for the short fine-tunings
     for i, j in pts:
         h, fit = build_hybrid(a.segments, i, b.segments, j, calib, hidden=cfg.stitch_hidden,
                               front_name=a.spec.name, back_name=b.spec.name)
         info = dict(cka=float(m[i, j]), ls_val_acc=evaluate(h, splits.val), **fit)
-        info.update(init="ls", init_val_acc=info["ls_val_acc"])
+        info.update(init="ls", init_val_acc=info["ls_val_acc"], rank_val_acc=info["ls_val_acc"])
+        if cfg.rank_steps:
+            start = copy.deepcopy(h.stitch.state_dict())
+            info["rank_val_acc"] = finetune_stitch(
+                h, splits, dataclasses.replace(cfg.ft, steps=cfg.rank_steps), cache=cache).val_acc
+            h.stitch.load_state_dict(start)
         candidates.append(dict(front=a.spec.name, back=b.spec.name, i=i, j=j, **info))
         ranked.append((h, info))
-    ranked.sort(key=lambda r: -r[1]["ls_val_acc"])
+    ranked.sort(key=lambda r: -r[1]["rank_val_acc"])
     return ranked[: cfg.top_k]
 
 
@@ -152,6 +165,7 @@ def _cotrained_point(a: Anchor, b: Anchor, p: Point, stitch: Stitch, splits: Dat
         h.stitch.load_state_dict(ls_state)
     info = dict(cka=float(m[p.i, p.j]), ls_val_acc=ls_acc, cotrained_val_acc=co_acc,
                 init="ls" if ls_acc > co_acc else "co-trained", init_val_acc=max(ls_acc, co_acc),
+                rank_val_acc=max(ls_acc, co_acc),
                 **fit)
     candidates.append(dict(front=p.front, back=p.back, i=p.i, j=p.j, **info))
     return h, info
@@ -217,6 +231,7 @@ def build_catalog(zoo: Zoo | list[Anchor], splits: DataSplits, catalog: Catalog,
             latency_ms=lat[h.name], segments=h.segment_ids(), front=h.front_name,
             back=h.back_name, i=h.i, j=h.j, joint=info["joint"], direction=info["direction"],
             cka=info["cka"], ls_val_acc=info["ls_val_acc"], val_acc=info["init_val_acc"],
+            rank_val_acc=info["rank_val_acc"],
             init=info["init"], init_val_acc=info["init_val_acc"], stitch_state="ls",
             ports={"src": vars(h.stitch.src), "dst": vars(h.stitch.dst)},
             stitch_hidden=h.stitch.hidden,
@@ -250,13 +265,15 @@ def build_catalog(zoo: Zoo | list[Anchor], splits: DataSplits, catalog: Catalog,
     catalog.meta = {
         "data": splits.fingerprint, "dataset": data,
         "build": {"top_k": cfg.top_k, "screen": cfg.screen, "finetune": cfg.finetune,
-                  "stitch_hidden": cfg.stitch_hidden,
+                  "stitch_hidden": cfg.stitch_hidden, "rank_steps": cfg.rank_steps,
                   "anchors": "stitch-aware" if zoo.stitches else "apart"},
         "anchor_training": zoo.info,
         "candidates": candidates, "cka": cka_maps,
         "spearman_cka_vs_ls_acc": spearman([c["cka"] for c in candidates],
                                            [c["ls_val_acc"] for c in candidates]),
         "spearman_init_val_vs_test": spearman([e.init_val_acc for e in tuned],
+                                              [e.test_acc for e in tuned]),
+        "spearman_rank_val_vs_test": spearman([e.rank_val_acc for e in tuned],
                                               [e.test_acc for e in tuned]),
         "usefulness": usefulness(entries),
         "machine": machine(),

@@ -57,6 +57,7 @@ class Entry:
     training: str | None = None  # anchors: "apart", "checkpoint" (as given) or "stitch-aware"
     init: str | None = None  # hybrids: the stitch's start, "co-trained" or "ls"
     init_val_acc: float | None = None  # hybrids: validation accuracy at that start
+    rank_val_acc: float | None = None  # hybrids: what the ranking ordered them by (val acc)
     finetune_seconds: float | None = None  # hybrids: wall time of the stitch fine-tuning
     # per segment in execution order (a hybrid's stitch included, ID "stitch"):
     # {"segment_id", "flops", "latency_ms", "kind"} (stitch_lib.cost.segment_costs)

@@ -191,8 +191,8 @@ def message(topic, payload, retain=False):
 
 
 def telemetry(**kw) -> bytes:
-    return encode(Telemetry(seq=1, ts=time.time(), cpu=0.1, mem_free_mb=900, battery=0.9,
-                            temp_c=40, **kw))
+    return encode(Telemetry(**{"seq": 1, "ts": time.time(), "cpu": 0.1, "mem_free_mb": 900,
+                               "battery": 0.9, "temp_c": 40, **kw}))
 
 
 def test_internal_errors_are_errors_with_a_traceback_not_bad_input(ctl, catalog, monkeypatch,
@@ -207,6 +207,25 @@ def test_internal_errors_are_errors_with_a_traceback_not_bad_input(ctl, catalog,
     assert any(r.exc_info and "a bug" in str(r.exc_info[1]) for r in caplog.records)
     ctl._on_message(None, None, message(T.telemetry("d1"), b"junk"))
     assert (ctl.stats["errors"], ctl.stats["dropped"]) == (1, 1)
+
+
+def test_telemetry_is_conflated_per_device_and_applied_a_batch_per_pass(ctl):
+    passes = []  # the loop's passes, driven by hand: each submitted call is one
+    ctl.host = SimpleNamespace(submit=passes.append)
+    for k in range(3):  # d0 reports three times before the loop gets to it
+        ctl._on_message(None, None, message(T.telemetry("d0"), telemetry(battery=0.5 + k / 10)))
+    for k in range(1, service.TELEMETRY_BATCH + 9):
+        ctl._on_message(None, None, message(T.telemetry(f"d{k}"), telemetry()))
+    ctl._on_message(None, None, message(T.telemetry("d1"), b"junk"))  # d1's newest: bad
+    assert ctl.stats["telemetry_conflated"] == 3 and len(passes) == 1 and not ctl.twins
+    passes.pop()()
+    assert ctl.stats["in_telemetry"] + ctl.stats["dropped"] == service.TELEMETRY_BATCH
+    assert ctl.twins["d0"].battery == pytest.approx(0.7)  # its newest report, in d0's place
+    assert "d1" not in ctl.twins and ctl.stats["dropped"] == 1
+    assert len(passes) == 1 and len(ctl.inbox) == 9  # the rest: the next pass
+    passes.pop()()
+    assert not passes and not ctl.inbox and ctl.stats["in_telemetry"] == len(ctl.twins)
+    assert len(ctl.twins) == service.TELEMETRY_BATCH + 8  # d0 to d40, but d1
 
 
 def test_one_failing_device_does_not_stop_the_reconcile(ctl, monkeypatch, caplog):

@@ -64,6 +64,26 @@ def test_hybrid_reloads_from_its_artifact(built, splits):
     assert h.segment_ids() == e.segments
 
 
+def test_ranking_by_a_short_finetune_keeps_the_best_at_their_start(built, splits, tmp_path):
+    from stitch_lib.build import build_catalog
+    anchors, _ = built
+    cfg = BuildConfig(top_k=1, screen=3, finetune="none", latency_rounds=1, rank_steps=4,
+                      ft=TrainConfig(lr=3e-2, n_train=300))
+    cat = build_catalog(anchors, splits, Catalog(tmp_path / "catalog"), cfg)
+    meta = json.loads((cat.root / "catalog.json").read_text())["meta"]
+    assert meta["build"]["rank_steps"] == 4
+    segments = {a.spec.name: a.segments for a in anchors.anchors}
+    for e in cat.hybrids:
+        pair = [c for c in meta["candidates"] if (c["front"], c["back"]) == (e.front, e.back)]
+        assert len(pair) == 3 and e.rank_val_acc == max(c["rank_val_acc"] for c in pair)
+        assert any(c["rank_val_acc"] != c["ls_val_acc"] for c in meta["candidates"])
+        # the short fine-tuning only measured: the hybrid ships its least-squares start
+        assert e.stitch_state == "ls"
+        assert evaluate(load_hybrid(e, segments, cat), splits.val) == pytest.approx(e.ls_val_acc)
+    with pytest.raises(ValueError, match="rank_steps"):
+        BuildConfig(rank_steps=-1)
+
+
 def test_tampered_artifact_is_refused(built):
     _, cat = built
     sha = cat.hybrids[0].artifact

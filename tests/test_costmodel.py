@@ -3,6 +3,7 @@ and a planner that learns each device's speed per operator kind from its reports
 import json
 import random
 import statistics
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -44,8 +45,7 @@ VIT_RES = model("vit:blocks.0→res:layer1", ("conv", 65536), ("attention", 4547
 
 def one_scalar(c: Candidate) -> Candidate:
     """The same model with every segment of one kind: what one learned scalar can know."""
-    return Candidate(**{**vars(c), "terms": tuple(Term("model", t.flops, t.latency_ms)
-                                                  for t in c.terms)})
+    return replace(c, terms=tuple(Term("model", t.flops, t.latency_ms) for t in c.terms))
 
 
 def true_terms(c: Candidate) -> tuple[tuple[str, int], ...]:
