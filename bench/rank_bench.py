@@ -1,0 +1,129 @@
+"""Which ranking predicts a stitch's fine-tuned accuracy? Measured on a built catalog.
+
+    python bench/rank_bench.py [--home .restnet] [--zoo zoo.yaml] [--steps 50,150]
+
+For every ordered anchor pair, the catalog build's CKA screen is re-run (the same `screen`
+points); each point is fitted by least squares and then fine-tuned, stitch only, for each of
+`--steps` steps from that start (the build's fine-tuning settings, its own cosine schedule).
+Against the final test accuracy of the catalog's fine-tuned hybrids, the Spearman of: CKA, the
+least-squares validation accuracy, and the validation accuracy after each short fine-tuning;
+also of the final validation accuracy (the ceiling any validation-split ranking can reach here).
+The seconds the short fine-tunings of every screened point took are the ranking's price, beside
+what the build spent fine-tuning. Writes its block into docs/results.md (target: Spearman ≥ 0.9).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchlib import ROOT, command_line, write_block  # noqa: E402
+from restnet.stitch_cmd import load_zoo  # noqa: E402
+from stitch_lib.build import BuildConfig, spearman  # noqa: E402
+from stitch_lib.catalog import Catalog  # noqa: E402
+from stitch_lib.cka import cka_matrix  # noqa: E402
+from stitch_lib.data import make_splits  # noqa: E402
+from stitch_lib.stitch import build_hybrid, feasible_points  # noqa: E402
+from stitch_lib.train import FrontCache, evaluate, finetune_stitch  # noqa: E402
+from stitch_lib.zoo import build_zoo  # noqa: E402
+
+log = logging.getLogger("rank_bench")
+
+
+def measure(home: Path, zoo_path: Path, steps: list[int]) -> tuple[list[dict], Catalog, dict]:
+    """One row per screened point: CKA, LS val acc, val acc after each short fine-tuning,
+    seconds, and the catalog's final accuracies where the point was fine-tuned."""
+    spec = load_zoo(zoo_path)
+    splits = make_splits(source=spec.dataset, image_size=spec.image_size, n_calib=spec.n_calib,
+                         n_val=spec.n_val, n_test=spec.n_test, seed=spec.seed)
+    zoo = build_zoo(spec, splits, home / "anchors", None)
+    cat = Catalog.load(home / "catalog")
+    build = cat.meta.get("build", {})
+    screen, hidden = build.get("screen", 6), build.get("stitch_hidden", 64)
+    ft = BuildConfig().ft  # the build's (and the CLI's) fine-tuning settings
+    final = {(e.front, e.back, e.i, e.j): e for e in cat.hybrids if e.stitch_state == "finetuned"}
+    names = {e.front for e in cat.hybrids} | {e.back for e in cat.hybrids}
+    rows = []
+    for a in zoo.anchors:
+        for b in zoo.anchors:
+            if a is b or a.spec.name not in names or b.spec.name not in names:
+                continue
+            m = cka_matrix(a.segments, b.segments, splits.calib.x)
+            pts = sorted(feasible_points(a.segments, b.segments, splits.calib.x),
+                         key=lambda p: -float(m[p]))[:screen]
+            cache = FrontCache()
+            for i, j in pts:
+                row = dict(pair=f"{a.spec.name}→{b.spec.name}", i=i, j=j, cka=float(m[i, j]))
+                for s in steps:
+                    h, _ = build_hybrid(a.segments, i, b.segments, j, splits.calib.x,
+                                        hidden=hidden, front_name=a.spec.name,
+                                        back_name=b.spec.name)
+                    row["ls_val"] = evaluate(h, splits.val)
+                    t0 = time.perf_counter()
+                    row[s] = finetune_stitch(h, splits, dataclasses.replace(ft, steps=s),
+                                             cache=cache).val_acc
+                    row[f"s{s}"] = time.perf_counter() - t0
+                e = final.get((a.spec.name, b.spec.name, i, j))
+                row.update(final_test=e.test_acc if e else None,
+                           final_val=e.val_acc if e else None,
+                           ft_seconds=e.finetune_seconds if e else None)
+                log.info("%s (%d, %d): %s", row["pair"], i, j, row)
+                rows.append(row)
+    return rows, cat, build
+
+
+def report(rows: list[dict], steps: list[int], build: dict) -> list[str]:
+    tuned = [r for r in rows if r["final_test"] is not None]
+    y = [r["final_test"] for r in tuned]
+    ranked_by = "least-squares start" if not build.get("rank_steps") else \
+        f"{build['rank_steps']} fine-tuning steps"
+    out = [f"`{command_line()}`", "",
+           f"Catalog ranked by its {ranked_by}; {len(rows)} screened points, {len(tuned)} of "
+           "them fine-tuned into the catalog (the Spearman is over those).", "",
+           "| ranking signal | Spearman vs final test acc | price (s, every screened point) |",
+           "|---|---|---|",
+           f"| CKA | {spearman([r['cka'] for r in tuned], y):.2f} | — |",
+           f"| least-squares val acc (the default) | "
+           f"{spearman([r['ls_val'] for r in tuned], y):.2f} | — |"]
+    for s in steps:
+        out.append(f"| val acc after {s} fine-tuning steps | "
+                   f"{spearman([r[s] for r in tuned], y):.2f} | "
+                   f"{sum(r[f's{s}'] for r in rows):.0f} |")
+    out.append(f"| final val acc (the ceiling, not a ranking) | "
+               f"{spearman([r['final_val'] for r in tuned], y):.2f} | — |")
+    ft = sum(r["ft_seconds"] or 0.0 for r in tuned)
+    out += ["", f"The build's fine-tuning of the {len(tuned)} kept points took {ft:.0f} s."]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--home", type=Path, default=ROOT / ".restnet")
+    p.add_argument("--zoo", type=Path, default=ROOT / "zoo.yaml")
+    p.add_argument("--steps", default="50,150", help="short fine-tuning lengths, comma-separated")
+    p.add_argument("--no-write", dest="write", action="store_false")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    steps = sorted({int(s) for s in args.steps.split(",")})
+    if not steps or steps[0] < 1:
+        raise SystemExit("rank_bench: --steps must be positive integers, e.g. 50,150")
+    if not (args.home / "catalog" / "catalog.json").exists():
+        raise SystemExit(f"rank_bench: no catalog under {args.home}; "
+                         "run `restnet catalog build` first")
+    rows, _, build = measure(args.home, args.zoo, steps)
+    lines = report(rows, steps, build)
+    print("\n".join(lines))
+    if args.write:
+        write_block("<!-- rank-bench -->", "<!-- /rank-bench -->", lines,
+                    "## Ranking: what predicts a stitch's fine-tuned accuracy",
+                    before="## Serving")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
