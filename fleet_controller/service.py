@@ -26,9 +26,9 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from fleet_protocol.messages import (MAX_GENERATION, MAX_MESSAGE_BYTES, Ack, ArtifactRequest, ControllerState,
-                                     Desired, ProtocolError, Rebirth, State, Telemetry, decode,
-                                     encode)
+from fleet_protocol.messages import (MAX_GENERATION, MAX_MESSAGE_BYTES, Ack, ArtifactRequest,
+                                     ControllerState, Desired, ProtocolError, Rebirth, State,
+                                     Telemetry, decode, encode)
 from fleet_runtime.mqtt import ClientHost, make_client
 from fleet_protocol.signing import KeyDir, keyset, seal, unverified
 from fleet_protocol.topics import Topics, check_id
