@@ -1,12 +1,16 @@
 """The closed loop's test harness: a controller and real agents on one ClientHost, against a
 real Mosquitto with authentication on and signed deployments."""
+import time
+
 import yaml
 
 from device_agent.agent import Agent, AgentConfig
 from device_agent.cache import SegmentCache, SegmentRegistry, provision
+from fleet_controller.artifacts import Artifacts
 from fleet_controller.service import Controller
+from fleet_protocol.messages import Ack, Desired, decode
 from fleet_runtime.mqtt import ClientHost, make_client, parse_url
-from fleet_protocol.signing import load_public
+from fleet_protocol.signing import KeyDir, load_public, seal
 from fleet_protocol.topics import Topics
 from simulators.devices import CLASSES, SimResources, SimState
 
@@ -56,6 +60,25 @@ class Loop:
         agent.start(*parse_url(self.broker.url))
         self.agents[dev_id] = agent
         return agent
+
+    def publisher(self, keys, catalog, dev):
+        """deploy(k, entry, **extra): publish a signed desired state of generation k for `dev`
+        (the controller's key, an operator's login) and wait for its HEALTHY or ROLLED_BACK
+        ack; and the acks seen, as (topic, payload)."""
+        trusted, _ = KeyDir(keys).load()
+        client, acks = self.spy("operator", T.ack(dev))
+        arts = Artifacts(catalog)
+
+        def deploy(k, entry, **extra):
+            front, back = arts.split(entry)
+            d = Desired(device_id=dev, generation=k, deployment_id=f"{dev}.{k}",
+                        hybrid=entry.id, name=entry.name, front=front, back=back,
+                        stitch=arts.delta(entry), ts=time.time(), **extra)
+            client.publish(T.desired(dev), seal(d, [trusted]), qos=1)
+            self.run_until(lambda: any(
+                a.generation == k and a.status in ("HEALTHY", "ROLLED_BACK")
+                for a in (decode(Ack, p) for _, p in acks)))
+        return deploy, acks
 
     def run_until(self, cond, timeout=20.0):
         self.host.run(until=cond, timeout=timeout)

@@ -14,9 +14,8 @@ from device_agent.canary import CanaryConfig, ServedFigures, Summary, canary_ver
 from device_agent.localapi import LocalAPI
 from device_agent.runtime import LatencyWindow, ModelSlot
 from device_agent.serving import BadInput, Serving, UnknownRequest
-from fleet_controller.artifacts import Artifacts
 from fleet_protocol.messages import Ack, Capabilities, Desired, State, Telemetry, decode, encode
-from fleet_protocol.signing import KeyDir, seal, unverified
+from fleet_protocol.signing import unverified
 from fleetloop import T, healthy
 from stitch_lib.inputs import InputSpec
 from test_dos import device_client
@@ -116,25 +115,6 @@ def test_feedback_in_process_and_over_the_local_api():
     assert serving.figures.summary(6) == Summary()  # an untracked generation keeps nothing
 
 
-def _publisher(loop, keys, catalog, dev):
-    """deploy(k, entry, **extra): publish a signed desired state of generation k for `dev`
-    (the controller's key, an operator's login) and wait for its HEALTHY or ROLLED_BACK ack;
-    and the acks seen."""
-    trusted, _ = KeyDir(keys).load()
-    client, acks = loop.spy("operator", T.ack(dev))
-    arts = Artifacts(catalog)
-
-    def deploy(k, entry, **extra):
-        front, back = arts.split(entry)
-        d = Desired(device_id=dev, generation=k, deployment_id=f"{dev}.{k}", hybrid=entry.id,
-                    name=entry.name, front=front, back=back, stitch=arts.delta(entry),
-                    ts=time.time(), **extra)
-        client.publish(T.desired(dev), seal(d, [trusted]), qos=1)
-        loop.run_until(lambda: any(a.generation == k and a.status in ("HEALTHY", "ROLLED_BACK")
-                                   for a in statuses(acks)))
-    return deploy, acks
-
-
 def statuses(acks):
     return [decode(Ack, p) for _, p in acks]
 
@@ -223,7 +203,7 @@ def test_a_model_that_serves_as_well_passes_its_window_and_stays(loop, catalog, 
     limit: nothing to judge is no regression."""
     dev = "rpi4-canary-good"
     agent = loop.add_agent(dev, canary=CanaryConfig(requests=60, seconds=0, min_samples=20))
-    deploy, acks = _publisher(loop, keys, catalog, dev)
+    deploy, acks = loop.publisher(keys, catalog, dev)
     model = catalog.anchors[0]
     deploy(1, model)
     first = agent.slot.get()
@@ -253,7 +233,7 @@ def test_requests_are_answered_through_a_canary_rollback(loop, catalog, keys):
     at some moment while the request ran."""
     dev = "jetson-canary"
     agent = loop.add_agent(dev, cls="jetson", canary=CanaryConfig(min_samples=10))
-    deploy, acks = _publisher(loop, keys, catalog, dev)
+    deploy, acks = loop.publisher(keys, catalog, dev)
     changes, modules = log_swaps(agent)
     first, second = catalog.anchors[0], catalog.anchors[1]
     deploy(1, first)

@@ -26,9 +26,7 @@ from device_agent.infer_client import post as post_body
 from device_agent.localapi import LocalAPI
 from device_agent.runtime import LatencyWindow, Loaded, ModelSlot
 from device_agent.serving import BadInput, Serving, Unavailable, to_input
-from fleet_controller.artifacts import Artifacts
 from fleet_protocol.messages import Ack, Desired, State, Telemetry, decode
-from fleet_protocol.signing import KeyDir, seal
 from fleetloop import T
 from simulators.fleet import Scenario
 from stitch_lib.data import ImageSet, _prepare
@@ -391,10 +389,8 @@ def test_requests_run_whole_on_one_model_through_swaps_and_a_rollback(loop, cata
     at some moment while the request ran."""
     dev = "rpi4-serve"
     agent = loop.add_agent(dev)  # its own worker thread, as on a board
-    trusted, _ = KeyDir(keys).load()
-    client, acks = loop.spy("operator", T.ack(dev))
+    deploy, acks = loop.publisher(keys, catalog, dev)
     _, telemetry = loop.spy("watcher", T.telemetry(dev))
-    arts = Artifacts(catalog)
     anchors, hybrids = catalog.anchors, catalog.hybrids
     plan = [(anchors[0], {}), (hybrids[0], {}), (anchors[1], {}),
             (hybrids[1], {"latency_budget_ms": 1e-6}),  # unhealthy: rolled back
@@ -402,26 +398,16 @@ def test_requests_run_whole_on_one_model_through_swaps_and_a_rollback(loop, cata
 
     changes, modules = log_swaps(agent)
 
-    def deploy(k, entry, extra):
-        front, back = arts.split(entry)
-        d = Desired(device_id=dev, generation=k, deployment_id=f"{dev}.{k}", hybrid=entry.id,
-                    name=entry.name, front=front, back=back, stitch=arts.delta(entry),
-                    ts=time.time(), **extra)
-        client.publish(T.desired(dev), seal(d, [trusted]), qos=1)
-        loop.run_until(lambda: any(a.generation == k and a.status in ("HEALTHY", "ROLLED_BACK")
-                                   for a in (decode(Ack, p) for _, p in acks)))
-
-    deploy(1, *plan[0])
+    deploy(1, plan[0][0], **plan[0][1])
     api = LocalAPI(agent.serving, port=0)
     api.start()
     images = RNG.integers(0, 256, (2, 32, 32), dtype=np.uint8)
-    body = json.dumps({"array": images.tolist()}).encode()
     traffic = Traffic(agent, api.port, images)
     answers, failures = traffic.answers, traffic.failures
     try:
         for k, (entry, extra) in enumerate(plan[1:], start=2):
             n = len(answers)
-            deploy(k, entry, extra)
+            deploy(k, entry, **extra)
             loop.run_until(lambda: len(answers) >= n + 5)  # requests ran on each model
         loop.run_until(lambda: any(decode(Telemetry, p).requests > 0 for _, p in telemetry))
     finally:
