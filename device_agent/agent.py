@@ -507,19 +507,22 @@ class Agent:
         self.applied = d.generation
         self._ack(d, "SWAPPED", swap_ms=swap_ms)
         problem, acc = self._health(new)
+        # what the check measured, before a rollback clears it: the controller learns from it
+        seen = dict(probe_acc=acc, lat_p50_ms=self.latency.percentile(50),
+                    lat_p95_ms=self.latency.percentile(95))
         if problem is None:
-            self._ack(d, "HEALTHY", probe_acc=acc)
+            self._ack(d, "HEALTHY", **seen)
             if old is not None and self.cfg.canary.enabled:
                 self.canary = _Canary(new, old, self.clock())
             else:
                 self.serving.figures.track(new.generation)
         elif old is None:  # nothing to go back to: better than no model
             self._ack(d, "FAILED", reason=f"{problem}; no previous model, it keeps serving",
-                      probe_acc=acc)
+                      **seen)
         else:
             self._rollback()
-            self._ack(d, "FAILED", reason=problem, probe_acc=acc)
-            self._ack(d, "ROLLED_BACK", reason=problem, probe_acc=acc)
+            self._ack(d, "FAILED", reason=problem, **seen)
+            self._ack(d, "ROLLED_BACK", reason=problem, **seen)
         self._save()
         self._birth()
 

@@ -23,6 +23,14 @@ def _tag(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _kind_speed(text: str) -> tuple[str, float]:
+    key, value = _tag(text)
+    try:
+        return key, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected KIND=GFLOPS, got {text!r}") from None
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["provision"]:
         return provision_main(argv[1:])
@@ -39,6 +47,10 @@ def main(argv: list[str]) -> int:
                         "only desired states it signed are applied (repeatable)")
     p.add_argument("--tag", type=_tag, action="append", default=[], metavar="KEY=VALUE",
                    help="a label fleet.yaml groups match on, e.g. site=north (repeatable)")
+    p.add_argument("--kind-gflops", type=_kind_speed, action="append", default=[],
+                   metavar="KIND=GFLOPS",
+                   help="this board's nominal speed for one operator kind where it differs from "
+                        "the overall figure, e.g. attention=0.13 (repeatable; protocol §4.1)")
     p.add_argument("--serve-port", type=int, default=0, metavar="PORT",
                    help="serve the local inference API on 127.0.0.1:PORT (0: off); see "
                         "`restnet infer`")
@@ -85,7 +97,7 @@ def main(argv: list[str]) -> int:
                                   telemetry_period=args.telemetry_period,
                                   chunk_size=args.chunk_size, trust=trust, tags=dict(args.tag),
                                   max_queue=args.max_queue, canary=canary, **login(args)),
-                      PsutilResources(args.device_class), host)
+                      PsutilResources(args.device_class, dict(args.kind_gflops)), host)
     except ValueError as exc:
         raise SystemExit(f"restnet agent: {exc}") from exc
     api = None

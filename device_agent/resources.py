@@ -34,14 +34,17 @@ class Resources(Protocol):
 class PsutilResources:
     """A real board, read with psutil; latency is measured by running the model."""
 
-    def __init__(self, device_class: str = "board") -> None:
+    def __init__(self, device_class: str = "board",
+                 kind_gflops: dict[str, float] | None = None) -> None:
         self.device_class = device_class
+        self.kind_gflops = dict(kind_gflops or {})  # the board's datasheet, per operator kind
 
     def capabilities(self) -> Capabilities:
         battery = psutil.sensors_battery()
         return Capabilities(device_class=self.device_class,
                             mem_mb=psutil.virtual_memory().total / 2**20,
                             gflops=max(1.0, 5.0 * (psutil.cpu_count() or 1)),
+                            kind_gflops=self.kind_gflops,
                             battery_powered=battery is not None)
 
     def sample(self, now: float) -> dict:

@@ -15,14 +15,20 @@ Rules, in order:
    Predicted p95 (`predict_p95`) = predicted p50 × tail (`tail_factor`), the running model's
    measured p95/p50 (1 until measured, clamped to [1, 10]). Predicted p50 (`predict_ms`) = Σ
    over the model's segments of prior time × the device's learned factor for the segment's
-   operator kind. The prior is the class's nominal figure, FLOPs ÷ the device's reported
-   GFLOPS (the segment's latency on the catalog machine when the device reports none, or the
-   whole model's for a catalog without per-segment costs). The factors (`Speeds`) are learned
-   from the p50s the device reports for the model it runs (`learn_speed`): an overall factor
-   shared by every kind plus a correction per kind, by recursive least squares — so what a
-   device shows on one model carries over to models it has never run, per kind of operator,
-   not as one scalar. How well this predicts is scored as reports arrive
-   (fleet_controller.costerror).
+   operator kind. The prior is the class's nominal figure, FLOPs ÷ the GFLOPS the device
+   announced for that kind (its datasheet's `kind_gflops`, else its overall `gflops`; the
+   segment's latency on the catalog machine when it announced none, or the whole model's for
+   a catalog without per-segment costs). The factors (`Speeds`) are learned from the p50s
+   the device reports for the model it runs and from its health checks (`learn_speed`): an
+   overall factor shared by every kind plus a correction per kind, by recursive least
+   squares — so what a device shows on one model carries over to models it has never run,
+   per kind of operator, not as one scalar. How well this predicts is scored as reports
+   arrive (fleet_controller.costerror).
+   A model other than the running one must fit with a margin: its predicted p50 plus
+   `MARGIN_Z` standard deviations of the prediction (`predict_upper_ms`), from the learner's
+   covariance — a few percent for the kinds the device has run, wide for kinds it never ran,
+   widest before its first report. A deployment is a gamble that fails on the device's health
+   check; this keeps the gamble to models the device's own figures vouch for.
 3. Objective: max_accuracy (ties → fewer FLOPs), min_latency (predicted latency, ties → more
    accurate), min_energy (predicted energy per inference: power × predicted time, ties → more
    accurate); then by ID, so plans are deterministic. No message carries a device's power yet,
@@ -46,9 +52,11 @@ SPEED_MIN, SPEED_MAX = 0.01, 1000.0  # a kind's factor (device time / prior time
 TAIL_MAX = 10.0
 MB = 1 << 20
 NOMINAL_POWER_W = 1.0  # a device's active power, until a message carries it
-# the learner: prior standard deviations of the overall factor and of each kind's correction,
-# their drift per report (a device heats up, gets loaded), and the p50's relative noise
-PRIOR_SD, KIND_SD, DRIFT, KIND_DRIFT, NOISE = 1.0, 0.5, 0.1, 0.03, 0.05
+# the learner: prior standard deviations of the overall factor and of each kind's correction
+# (smaller where the device announced that kind's speed), their drift per report (a device
+# heats up, gets loaded), and the p50's relative noise
+PRIOR_SD, KIND_SD, KIND_PRIOR_SD, DRIFT, KIND_DRIFT, NOISE = 1.0, 0.5, 0.2, 0.1, 0.03, 0.05
+MARGIN_Z = 2.0  # a model not running must fit at its predicted p50 + this many sd
 
 
 class Term(NamedTuple):
@@ -139,6 +147,14 @@ class Speeds:
     def factor(self, kind: str) -> float:
         return self._factors.get(kind, self._overall)
 
+    def variance(self, prior: Mapping[str, float], kind_sd: Callable[[str], float]) -> float:
+        """Variance of Σ_kind prior[kind] × factor(kind): the learned covariance, plus
+        `kind_sd(kind)`² for each kind never learned (its correction's prior)."""
+        h = [sum(prior.values())] + [prior.get(k, 0.0) for k in self.kinds]
+        var = sum(hi * sum(c * hj for c, hj in zip(row, h)) for hi, row in zip(h, self.cov))
+        return var + sum((ms * kind_sd(k)) ** 2 for k, ms in prior.items()
+                         if k not in self._factors)
+
 
 NO_SPEEDS = Speeds()  # nothing learned yet
 
@@ -164,6 +180,7 @@ class Twin:
     speed: Speeds | None = None  # learned from its reports (`learn_speed`)
     last_seen: float = 0.0  # when its last birth or telemetry arrived
     cached: frozenset[str] = frozenset()  # segment IDs the device holds
+    kind_gflops: dict[str, float] = field(default_factory=dict)  # announced, per operator kind
     keys_seq: int = 0  # the newest key set the device accepted (see `restnet keys retire`)
 
     def __post_init__(self) -> None:
@@ -196,8 +213,9 @@ def plan_inputs(twin: Twin) -> tuple:
         round(twin.mem_free_mb / twin.mem_mb, 2)
     return (twin.running, twin.online, None if twin.battery is None else round(twin.battery, 2),
             twin.charging, None if twin.temp_c is None else round(twin.temp_c), mem,
-            tuple(q(x) for x in twin.speed.mean) if twin.speed else (), q(twin.lat_p50_ms),
-            q(twin.lat_p95_ms), twin.device_class, tuple(sorted(twin.tags.items())))
+            (twin.speed.kinds, *(q(x) for x in twin.speed.mean), q(twin.speed.cov[0][0]))
+            if twin.speed else (), q(twin.lat_p50_ms), q(twin.lat_p95_ms), twin.device_class,
+            tuple(sorted(twin.tags.items())), tuple(sorted(twin.kind_gflops.items())))
 
 
 def silent(twin: Twin, now: float, timeout_s: float) -> bool:
@@ -208,9 +226,11 @@ def silent(twin: Twin, now: float, timeout_s: float) -> bool:
 
 def _prior_by_kind(twin: Twin, c: Candidate) -> dict[str, float]:
     """Each kind's time on this device before anything is learned: the class's nominal
-    figure (FLOPs ÷ reported GFLOPS), else the catalog machine's."""
+    figure (FLOPs ÷ the GFLOPS announced for the kind, else overall), else the catalog
+    machine's."""
     if twin.gflops:
-        return {k: f / (twin.gflops * 1e6) for k, f, _ in c.by_kind}
+        per = twin.kind_gflops
+        return {k: f / (per.get(k, twin.gflops) * 1e6) for k, f, _ in c.by_kind}
     return {k: ms for k, _, ms in c.by_kind}
 
 
@@ -219,9 +239,23 @@ def predict_ms(twin: Twin, c: Candidate) -> float:
     prior time (`_prior_by_kind`, inlined: the planner's hot path) times its learned factor."""
     speeds = twin.speed or NO_SPEEDS
     if twin.gflops:
-        per_ms = twin.gflops * 1e6
-        return sum(f / per_ms * speeds.factor(kind) for kind, f, _ in c.by_kind)
+        g, per = twin.gflops, twin.kind_gflops
+        return sum(f / (per.get(kind, g) * 1e6) * speeds.factor(kind) for kind, f, _ in c.by_kind)
     return sum(ms * speeds.factor(kind) for kind, _, ms in c.by_kind)
+
+
+def _kind_sd(twin: Twin) -> Callable[[str], float]:
+    """The prior sd of a kind's correction on this device: smaller where it announced the
+    kind's speed."""
+    return lambda k: KIND_PRIOR_SD if k in twin.kind_gflops else KIND_SD
+
+
+def predict_upper_ms(twin: Twin, c: Candidate) -> float:
+    """A cautious p50 of `c` on this device: the predicted p50 plus `MARGIN_Z` standard
+    deviations of that prediction under what the learner knows (`Speeds.variance`)."""
+    speeds, prior = twin.speed or NO_SPEEDS, _prior_by_kind(twin, c)
+    mean = sum(ms * speeds.factor(k) for k, ms in prior.items())
+    return mean + MARGIN_Z * speeds.variance(prior, _kind_sd(twin)) ** 0.5
 
 
 def tail_factor(twin: Twin) -> float:
@@ -252,9 +286,10 @@ def learn_speed(twin: Twin, c: Candidate, reported_p50_ms: float) -> Speeds:
     mean = list(s.mean) + [0.0] * (n - old)
     cov = [list(r) + [0.0] * (n - old) for r in s.cov] + [
         [0.0] * n for _ in range(n - old)]
+    kind_sd = _kind_sd(twin)
     for k in range(n):
         cov[k][k] += (DRIFT * PRIOR_SD) ** 2 if k == 0 else (
-            KIND_SD ** 2 if k >= old else (KIND_DRIFT * KIND_SD) ** 2)
+            kind_sd(kinds[k - 1]) ** 2 if k >= old else (KIND_DRIFT * KIND_SD) ** 2)
     h = [sum(by_kind.values())] + [by_kind.get(k, 0.0) for k in kinds]
     h = [x / reported_p50_ms for x in h]  # the report is 1: the noise is relative
     ph = [sum(cov[i][j] * h[j] for j in range(n)) for i in range(n)]
@@ -275,12 +310,18 @@ class _Situation:
     flops_cap: int | None  # hot: models must have fewer FLOPs than this
     cooling: bool  # hot, but the running model is new: it is exempt from the cap
     p50: dict[str, float]  # predicted p50 per candidate ID
+    upper: dict[str, float]  # cautious p50 per candidate ID (`predict_upper_ms`)
     tail: float  # predicted p95 / p50
     running: Candidate | None
 
     def latency(self, c: Candidate) -> float:
         """Predicted p95."""
         return self.p50[c.id] * self.tail
+
+    def latency_bound(self, c: Candidate) -> float:
+        """The p95 that a model must fit the budget at: the predicted one for the running
+        model (measured there), the cautious one for any other."""
+        return self.latency(c) if c is self.running else self.upper[c.id] * self.tail
 
     def energy_mj(self, c: Candidate) -> float:
         """Predicted energy per inference."""
@@ -319,16 +360,20 @@ def _situation(twin: Twin, rule: ResolvedRule, candidates: Sequence[Candidate],
     cooling = cap is not None and now - twin.since < rule.min_dwell_s
     if known_p95 is not None:  # an oracle: the true p95s, no prediction, no tail
         p50, tail = {c.id: known_p95[c.id] for c in candidates}, 1.0
+        upper = p50
     else:
         p50 = {c.id: predict_ms(twin, c) for c in candidates}
-    return _Situation(rule, "+".join(modes) or "normal", prefix, cap, cooling, p50, tail,
-                      running)
+        upper = {c.id: predict_upper_ms(twin, c) for c in candidates if c is not running}
+    return _Situation(rule, "+".join(modes) or "normal", prefix, cap, cooling, p50, upper,
+                      tail, running)
 
 
 def _violations(c: Candidate, twin: Twin, s: _Situation) -> list[str]:
     r, out = s.rule, []
-    if s.latency(c) > r.latency_p95_ms:
-        out.append(f"p95 {s.latency(c):.1f} ms > {r.latency_p95_ms:g} ms budget")
+    if s.latency_bound(c) > r.latency_p95_ms:
+        p95, margin = s.latency(c), s.latency_bound(c) - s.latency(c)
+        margin_text = f" + {margin:.1f} ms margin" if margin >= 0.05 else ""
+        out.append(f"p95 {p95:.1f} ms{margin_text} > {r.latency_p95_ms:g} ms budget")
     if c.accuracy < r.min_accuracy:
         out.append(f"accuracy {c.accuracy:.3f} < {r.min_accuracy:g}")
     free_mb = twin.mem_free_mb if twin.mem_free_mb is not None else twin.mem_mb

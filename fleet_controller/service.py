@@ -315,6 +315,7 @@ class Controller:
             if s.capabilities is not None:
                 twin.device_class = s.capabilities.device_class
                 twin.mem_mb, twin.gflops = s.capabilities.mem_mb, s.capabilities.gflops
+                twin.kind_gflops = dict(s.capabilities.kind_gflops)
                 twin.tags = dict(s.capabilities.tags)
             twin.cached = frozenset(s.segments)
             twin.keys_seq = s.keys_seq
@@ -380,6 +381,9 @@ class Controller:
         trigger = self.triggers.get(dep.id)
         self._settle(dep, a.status, now, a.reason or "")
         twin = self._twin(device)
+        entry = self.entries.get(dep.hybrid)
+        if a.lat_p50_ms and entry is not None:  # a health check measured the new model
+            twin.speed = learn_speed(twin, Candidate.from_entry(entry), a.lat_p50_ms)
         if a.status == "HEALTHY":
             twin.running, twin.since = dep.hybrid, now
             self.metrics.adaptations += 1
@@ -392,7 +396,6 @@ class Controller:
             if (self.rollout is not None and device in self.released
                     and device not in self.returned and dep.created >= self._rollout_t0):
                 rule = self._rule(self.policy, device, twin)
-                entry = self.entries.get(dep.hybrid)
                 self._watch(device, dep.generation, Served(
                     since=now, expected_acc=entry.test_acc if entry else 0.0,
                     budget_ms=(rule.latency_p95_ms if math.isfinite(rule.latency_p95_ms)
@@ -400,6 +403,7 @@ class Controller:
         elif a.status in ("FAILED", "ROLLED_BACK"):
             self.metrics.failures += a.status == "FAILED"
             self.avoid[device][dep.hybrid] = now + AVOID_S
+            self._save_twin(twin)
             self.store.event(now, device, "failed", f"{dep.id}: {a.reason}")
 
     def _settle(self, dep: Deployment, status: str, now: float, reason: str) -> None:

@@ -50,6 +50,9 @@ class Capabilities(Wire):
     device_class: Name
     mem_mb: float = Field(gt=0, le=2**40)
     gflops: float = Field(gt=0, le=2**40)  # nominal compute speed, for the planner's first guess
+    # nominal speed per operator kind where it differs from `gflops` (a datasheet's figure:
+    # an MCU without an attention unit runs attention slower), the planner's first guess there
+    kind_gflops: dict[Name, Annotated[float, Field(gt=0, le=2**40)]] = Field({}, max_length=16)
     battery_powered: bool = True
     # operator labels, matched by fleet.yaml groups
     tags: dict[Name, Text] = Field({}, max_length=64)
@@ -152,6 +155,9 @@ class Ack(Wire):
     swap_ms: Millis | None = None
     # HEALTHY, FAILED and ROLLED_BACK after a health check: accuracy on the labelled probes
     probe_acc: Fraction | None = None
+    # ... and the new model's latency p50 / p95 over the health check's samples
+    lat_p50_ms: Millis | None = None
+    lat_p95_ms: Millis | None = None
 
 
 class ArtifactRequest(Wire):

@@ -8,8 +8,9 @@ heat and load), so hundreds of devices fit on two cores while running the real a
 Each device has a hidden truth (`Hidden`) that no message reveals: its speed against its
 class's nominal GFLOPS, how efficiently it runs each operator kind (an MCU runs attention
 about 3× slower per FLOP than convolutions) and its active power, drawn per device from a
-seeded RNG by `make_fleet`. The controller sees only the class's nominal figures and what the
-device measures, and must learn the rest. The battery drains by the energy the device
+seeded RNG by `make_fleet`. The controller sees only the class's nominal figures (its
+datasheet: nominal GFLOPS, overall and per operator kind) and what the device measures, and
+must learn the rest. The battery drains by the energy the device
 actually spends: idle power plus active power × the share of time it computes.
 """
 from __future__ import annotations
@@ -125,8 +126,11 @@ class SimResources:
             self.hidden = Hidden.nominal(self.cls)
 
     def capabilities(self) -> Capabilities:
+        """The class's nominal figures (its datasheet), never this device's hidden truth."""
         return Capabilities(device_class=self.cls.name, mem_mb=self.cls.mem_mb,
-                            gflops=self.cls.gflops, battery_powered=self.cls.battery_powered)
+                            gflops=self.cls.gflops, battery_powered=self.cls.battery_powered,
+                            kind_gflops={k: self.cls.gflops * e
+                                         for k, e in sorted(self.cls.efficiency.items())})
 
     def throttle(self) -> float:
         """Speed factor: full speed below 70 °C, half speed at 90 °C and above."""

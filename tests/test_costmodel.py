@@ -233,3 +233,41 @@ def test_the_controller_scores_the_p95_it_predicted_before_learning(catalog, key
             "restnet_controller_cost_error_ratio_sum") == pytest.approx(sum(scored[3:]))
     finally:
         ctl.store.close()
+
+
+def test_a_health_check_that_fails_on_latency_teaches_the_controller(catalog, keys, tmp_path):
+    """A device far slower on the model the controller picks than its figures so far said:
+    the model fails its health check on latency and the device goes back, so no telemetry
+    will ever report it; the FAILED ack's measured p50 is what the controller learns from."""
+    from types import SimpleNamespace
+
+    from fleet_controller.service import Controller
+    from fleet_protocol.messages import Ack
+    from fleetloop import write_policy
+
+    policy = write_policy(tmp_path / "fleet.yaml", catalog.root,
+                          constraints={"latency_p95_ms": 1e6})
+    ctl = Controller(policy, tmp_path / "ctl", SimpleNamespace(submit=lambda fn: fn()), keys)
+    ctl.client = SimpleNamespace(publish=lambda *a, **kw: SimpleNamespace(mid=1))
+    try:
+        cands = {c.id: c for c in ctl.candidates}
+        boot = min(cands.values(), key=lambda c: c.flops)
+        twin = ctl.twins["d"] = Twin(device_id="d", online=True, device_class="rpi4",
+                                     gflops=8.0, running=boot.id, since=0.0,
+                                     kind_gflops={"attention": 4.0})
+        for _ in range(3):
+            twin.speed = learn_speed(twin, boot, predict_ms(twin, boot))  # as announced
+        ctl._reconcile("d", 100.0)
+        dep = ctl.open["d"]
+        target = cands[dep.hybrid]
+        predicted = predict_ms(twin, target)
+        measured = 5 * predicted
+        before = twin.speed.reports
+        ctl._on_ack("d", Ack(device_id="d", deployment_id=dep.id, generation=dep.generation,
+                             status="FAILED", ts=101.0, reason="latency p95 over budget",
+                             lat_p50_ms=measured, lat_p95_ms=measured * 1.05), 101.0)
+        assert ctl.twins["d"].speed.reports == before + 1
+        assert predict_ms(ctl.twins["d"], target) > 0.75 * measured  # from 0.2 × measured
+        assert ctl.store.twins()["d"]["speed"]["reports"] == before + 1  # and it is stored
+    finally:
+        ctl.store.close()

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from fleet_controller.planner import (Candidate, Speeds, Term, Twin, explain, learn_speed,
-                                      plan, predict_ms)
+                                      plan, predict_ms, predict_upper_ms)
 from fleet_controller.policy import BatteryMode, ResolvedRule, Rollout
 from fleet_controller.rollout import MIN_REQUESTS, Served, WaveState, kpi_breach, next_wave
 
@@ -38,19 +38,58 @@ RULE = ResolvedRule(latency_p95_ms=50, min_accuracy=0.70, max_mem_fraction=0.5, 
 NOW = 1000.0
 
 
-def twin(**kw) -> Twin:
-    return Twin(**({"device_id": "d1", "online": True} | kw))
-
-
 def times(factor: float) -> Speeds:
-    """Learned speeds that say: this device takes `factor` × the prior on everything."""
-    return Speeds(mean=(factor,))
+    """Learned speeds that say, with certainty: this device takes `factor` × the prior on
+    everything."""
+    return Speeds(kinds=("model",), mean=(factor, 0.0), cov=((0.0, 0.0), (0.0, 0.0)))
 
 
-def test_fresh_device_gets_the_most_accurate_feasible_model():
+def twin(**kw) -> Twin:
+    """A device whose speed is known to be the prior's (`speed=None`: nothing learned)."""
+    return Twin(**({"device_id": "d1", "online": True, "speed": times(1.0)} | kw))
+
+
+def test_a_device_gets_the_most_accurate_feasible_model():
     d = plan(twin(), CANDS, RULE, NOW)
     assert (d.target, d.mode, d.predicted_latency_ms) == ("big", "normal", 20)
     assert "nothing running" in d.reason
+
+
+def test_a_model_not_running_must_fit_with_a_margin_for_what_is_not_known():
+    fresh = twin(speed=None)  # nothing learned: ±100% on the overall speed
+    assert predict_upper_ms(fresh, BY_ID["big"]) > 2.5 * predict_ms(fresh, BY_ID["big"])
+    d = plan(fresh, CANDS, RULE, NOW)
+    assert d.target == "h-ls" and d.predicted_latency_ms == 14  # 14 ms + 2 sd fits 50 ms
+    assert "p95 20.0 ms + 44.7 ms margin > 50 ms budget" in explain(fresh, CANDS, RULE, NOW)["big"]
+    # the running model is judged by what it measures, not with a margin: kept
+    assert plan(twin(speed=None, running="big"), CANDS, RULE, NOW).target is None
+    # one report on h-ls pins the overall speed: big fits with its (small) margin
+    t = twin(speed=None, running="h-ls", since=NOW - 60)
+    t.speed = learn_speed(t, BY_ID["h-ls"], 14.0)
+    assert predict_upper_ms(t, BY_ID["big"]) < 1.2 * predict_ms(t, BY_ID["big"])
+    assert plan(t, CANDS, RULE, NOW).target == "big"
+
+
+def test_a_kind_never_run_gets_a_wide_margin_narrowed_by_the_announced_speed():
+    conv = Candidate(id="c", name="c", kind="anchor", accuracy=0.8, latency_ms=1, flops=10**6,
+                     model_bytes=1, act_peak_bytes=1, delta_bytes=None, segments=("c",),
+                     stitch_state=None, terms=(Term("conv", 10**6, 1.0),))
+    mixed = replace(conv, id="m", name="m", terms=(Term("conv", 10**6, 1.0),
+                                                   Term("attention", 10**6, 1.0)))
+    relative = {}
+    datasheet = (("attention", 0.5), ("conv", 1.0))
+    for announced, prior_sd in (((), 0.5), (datasheet, 0.2)):
+        t = twin(speed=None, gflops=1.0, kind_gflops=dict(announced), running="c")
+        for _ in range(5):
+            t.speed = learn_speed(t, conv, 1.0)  # conv runs at exactly the prior
+        assert predict_upper_ms(t, conv) < 1.12  # what it runs: the drift's margin only
+        att_ms = 1.0 / dict(announced).get("attention", 1.0)  # the kind's prior time
+        mean = predict_ms(t, mixed)
+        assert mean == pytest.approx(1.0 + att_ms, rel=0.01)
+        margin = predict_upper_ms(t, mixed) - mean
+        assert margin > 2 * att_ms * prior_sd  # at least the kind's own prior, 2 sd
+        relative[announced] = margin / att_ms
+    assert relative[datasheet] < 0.6 * relative[()], relative
 
 
 def test_low_battery_switches_to_a_cheaper_hybrid():
@@ -70,7 +109,7 @@ def test_charging_ignores_battery_modes():
 
 
 def test_learned_speed_excludes_slow_candidates():
-    t = twin(running="big")
+    t = twin(running="big", speed=None)
     for _ in range(30):  # the device runs `big` 4× slower than the catalog machine
         t.speed = learn_speed(t, BY_ID["big"], 80.0)
     assert predict_ms(t, BY_ID["big"]) == pytest.approx(80.0, rel=1e-3)
@@ -94,7 +133,7 @@ def test_prior_is_the_nominal_gflops_else_the_catalog_machine():
 
 def test_learn_speed_converges_and_clamps():
     rng = random.Random(1)
-    t = twin()
+    t = twin(speed=None)
     for _ in range(60):
         t.speed = learn_speed(t, BY_ID["tiny"], 2.0 * 3.7 * rng.uniform(0.9, 1.1))
     assert predict_ms(t, BY_ID["tiny"]) == pytest.approx(2.0 * 3.7, rel=0.05)
@@ -112,7 +151,7 @@ def test_speeds_survive_the_store_and_an_old_scalar_is_dropped():
     import json
     from dataclasses import asdict
 
-    t = twin(running="big", cached=frozenset())
+    t = twin(running="big", cached=frozenset(), speed=None)
     t.speed = learn_speed(t, BY_ID["big"], 50.0)
     doc = json.loads(json.dumps({**asdict(t), "cached": []}))
     back = Twin(**{**doc, "cached": frozenset()})
