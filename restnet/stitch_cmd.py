@@ -89,7 +89,7 @@ def catalog_main(argv: list[str]) -> int:
     _common(b)
     b.add_argument("--finetune", choices=FINETUNE_MODES, default="all",
                    help="which stitches to fine-tune; the others keep their start, marked 'ls'")
-    b.add_argument("--top-k", type=int, default=3, help="hybrids kept per ordered anchor pair")
+    b.add_argument("--top-k", type=int, default=2, help="hybrids kept per ordered anchor pair")
     b.add_argument("--screen", type=int, default=6, help="candidates kept by CKA per pair")
     b.add_argument("--directions", choices=("restnet", "both"), default="both")
     b.add_argument("--ft-steps", type=int, default=600,

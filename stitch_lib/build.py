@@ -47,7 +47,7 @@ FINETUNE_MODES = ("all", "frontier", "none")
 
 @dataclass(frozen=True)
 class BuildConfig:
-    top_k: int = 3  # hybrids kept per ordered anchor pair (anchors trained apart)
+    top_k: int = 2  # hybrids kept per ordered anchor pair (anchors trained apart)
     screen: int = 6  # candidates kept by CKA before least-squares ranking
     finetune: str = "all"
     directions: str = "both"  # "restnet" (larger model in front only) or "both"
