@@ -138,22 +138,41 @@ class Speeds:
         return cls(tuple(d["kinds"]), tuple(d["mean"]), tuple(tuple(r) for r in d["cov"]),
                    int(d["reports"]))
 
-    def __post_init__(self) -> None:  # the factors, once (not fields: not stored)
+    def __post_init__(self) -> None:  # the factors and their sd, once (not fields: not stored)
         object.__setattr__(self, "_overall", _clamp(self.mean[0], SPEED_MIN, SPEED_MAX))
         object.__setattr__(self, "_factors", {
             k: _clamp(self.mean[0] + self.mean[i + 1], SPEED_MIN, SPEED_MAX)
             for i, k in enumerate(self.kinds)})
+        c = self.cov  # each factor MARGIN_Z sd high; a kind never learned: by its prior sd
+        object.__setattr__(self, "_high", {
+            k: self._factors[k] + MARGIN_Z * max(0.0, c[0][0] + 2 * c[0][i + 1]
+                                                 + c[i + 1][i + 1]) ** 0.5
+            for i, k in enumerate(self.kinds)})
+        object.__setattr__(self, "_high_new", {
+            announced: self._overall + MARGIN_Z * (c[0][0] + sd ** 2) ** 0.5
+            for announced, sd in ((True, KIND_PRIOR_SD), (False, KIND_SD))})
 
     def factor(self, kind: str) -> float:
         return self._factors.get(kind, self._overall)
 
+    def high(self, kind: str, announced: bool) -> float:
+        """`factor(kind)` plus `MARGIN_Z` of its standard deviations (`announced`: the device
+        announced the kind's speed, which narrows the prior of a kind never learned)."""
+        h = self._high.get(kind)
+        return self._high_new[announced] if h is None else h
+
     def variance(self, prior: Mapping[str, float], kind_sd: Callable[[str], float]) -> float:
         """Variance of Σ_kind prior[kind] × factor(kind): the learned covariance, plus
         `kind_sd(kind)`² for each kind never learned (its correction's prior)."""
-        h = [sum(prior.values())] + [prior.get(k, 0.0) for k in self.kinds]
-        var = sum(hi * sum(c * hj for c, hj in zip(row, h)) for hi, row in zip(h, self.cov))
-        return var + sum((ms * kind_sd(k)) ** 2 for k, ms in prior.items()
-                         if k not in self._factors)
+        h = [sum(prior.values()), *(prior.get(k, 0.0) for k in self.kinds)]
+        var = 0.0
+        for hi, row in zip(h, self.cov):
+            if hi:
+                var += hi * sum(c * hj for c, hj in zip(row, h) if hj)
+        for k, ms in prior.items():
+            if k not in self._factors:
+                var += (ms * kind_sd(k)) ** 2
+        return var
 
 
 NO_SPEEDS = Speeds()  # nothing learned yet
@@ -258,6 +277,16 @@ def predict_upper_ms(twin: Twin, c: Candidate) -> float:
     return mean + MARGIN_Z * speeds.variance(prior, _kind_sd(twin)) ** 0.5
 
 
+def _upper_bound_ms(twin: Twin, c: Candidate) -> float:
+    """≥ `predict_upper_ms`, as cheap as `predict_ms` (the planner's hot path): every kind's
+    factor `MARGIN_Z` sd high at once, as if the kinds' errors were perfectly correlated."""
+    speeds, per = twin.speed or NO_SPEEDS, twin.kind_gflops
+    if twin.gflops:
+        g = twin.gflops
+        return sum(f / (per.get(k, g) * 1e6) * speeds.high(k, k in per) for k, f, _ in c.by_kind)
+    return sum(ms * speeds.high(k, k in per) for k, _, ms in c.by_kind)
+
+
 def tail_factor(twin: Twin) -> float:
     """Predicted p95 / p50: the p95/p50 the device last reported, clamped to [1, TAIL_MAX];
     1 until it reports both."""
@@ -310,18 +339,27 @@ class _Situation:
     flops_cap: int | None  # hot: models must have fewer FLOPs than this
     cooling: bool  # hot, but the running model is new: it is exempt from the cap
     p50: dict[str, float]  # predicted p50 per candidate ID
-    upper: dict[str, float]  # cautious p50 per candidate ID (`predict_upper_ms`)
     tail: float  # predicted p95 / p50
     running: Candidate | None
+    twin: Twin | None  # None: an oracle's true p95s, nothing uncertain
 
     def latency(self, c: Candidate) -> float:
         """Predicted p95."""
         return self.p50[c.id] * self.tail
 
-    def latency_bound(self, c: Candidate) -> float:
-        """The p95 that a model must fit the budget at: the predicted one for the running
-        model (measured there), the cautious one for any other."""
-        return self.latency(c) if c is self.running else self.upper[c.id] * self.tail
+    def over_budget(self, c: Candidate) -> str | None:
+        """Why `c` misses the p95 budget, else None. The running model is judged by its
+        predicted p95 (what it measures); any other must fit with `MARGIN_Z` sd of margin."""
+        budget, p95 = self.rule.latency_p95_ms, self.latency(c)
+        if p95 > budget:
+            return f"p95 {p95:.1f} ms > {budget:g} ms budget"
+        if c is self.running or self.twin is None \
+                or _upper_bound_ms(self.twin, c) * self.tail <= budget:
+            return None
+        margin = predict_upper_ms(self.twin, c) * self.tail - p95
+        if p95 + margin > budget:
+            return f"p95 {p95:.1f} ms + {margin:.1f} ms margin > {budget:g} ms budget"
+        return None
 
     def energy_mj(self, c: Candidate) -> float:
         """Predicted energy per inference."""
@@ -360,20 +398,17 @@ def _situation(twin: Twin, rule: ResolvedRule, candidates: Sequence[Candidate],
     cooling = cap is not None and now - twin.since < rule.min_dwell_s
     if known_p95 is not None:  # an oracle: the true p95s, no prediction, no tail
         p50, tail = {c.id: known_p95[c.id] for c in candidates}, 1.0
-        upper = p50
     else:
         p50 = {c.id: predict_ms(twin, c) for c in candidates}
-        upper = {c.id: predict_upper_ms(twin, c) for c in candidates if c is not running}
-    return _Situation(rule, "+".join(modes) or "normal", prefix, cap, cooling, p50, upper,
-                      tail, running)
+    return _Situation(rule, "+".join(modes) or "normal", prefix, cap, cooling, p50, tail,
+                      running, None if known_p95 is not None else twin)
 
 
 def _violations(c: Candidate, twin: Twin, s: _Situation) -> list[str]:
     r, out = s.rule, []
-    if s.latency_bound(c) > r.latency_p95_ms:
-        p95, margin = s.latency(c), s.latency_bound(c) - s.latency(c)
-        margin_text = f" + {margin:.1f} ms margin" if margin >= 0.05 else ""
-        out.append(f"p95 {p95:.1f} ms{margin_text} > {r.latency_p95_ms:g} ms budget")
+    late = s.over_budget(c)
+    if late:
+        out.append(late)
     if c.accuracy < r.min_accuracy:
         out.append(f"accuracy {c.accuracy:.3f} < {r.min_accuracy:g}")
     free_mb = twin.mem_free_mb if twin.mem_free_mb is not None else twin.mem_mb

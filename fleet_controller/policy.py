@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass
@@ -356,8 +357,8 @@ def parse_policy(text: str, file: str = "<policy>") -> FleetPolicy:
 
 
 def load_policy(path: str | Path) -> FleetPolicy:
-    """Read and validate a fleet.yaml; `catalog` comes back absolute (a relative one is taken
-    from the policy file's folder)."""
+    """Read and validate a fleet.yaml; `catalog` comes back absolute and normalised (a relative
+    one is taken from the policy file's folder)."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -370,4 +371,5 @@ def load_policy(path: str | Path) -> FleetPolicy:
                                               f"not UTF-8 text: {exc.reason} at byte "
                                               f"{exc.start}")]) from None
     policy = parse_policy(text, str(path))
-    return policy.model_copy(update={"catalog": path.absolute().parent / policy.catalog})
+    return policy.model_copy(update={"catalog": Path(os.path.normpath(
+        path.absolute().parent / policy.catalog))})

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from fleet_controller.planner import (Candidate, Speeds, Term, Twin, explain, learn_speed,
-                                      plan, predict_ms, predict_upper_ms)
+                                      _upper_bound_ms, plan, predict_ms, predict_upper_ms)
 from fleet_controller.policy import BatteryMode, ResolvedRule, Rollout
 from fleet_controller.rollout import MIN_REQUESTS, Served, WaveState, kpi_breach, next_wave
 
@@ -88,6 +88,7 @@ def test_a_kind_never_run_gets_a_wide_margin_narrowed_by_the_announced_speed():
         assert mean == pytest.approx(1.0 + att_ms, rel=0.01)
         margin = predict_upper_ms(t, mixed) - mean
         assert margin > 2 * att_ms * prior_sd  # at least the kind's own prior, 2 sd
+        assert _upper_bound_ms(t, mixed) >= predict_upper_ms(t, mixed)  # the quick check's
         relative[announced] = margin / att_ms
     assert relative[datasheet] < 0.6 * relative[()], relative
 

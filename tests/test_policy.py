@@ -47,6 +47,15 @@ def test_the_example_policy_loads():
     assert policy.devices["jetson-000"].objective == "min_latency"  # a device the demo runs
 
 
+def test_the_between_anchors_policy_loads_and_differs_only_in_budgets():
+    demo, between = load_policy(ROOT / "fleet.yaml"), load_policy(
+        ROOT / "scenarios" / "fleet-between.yaml")
+    assert between.catalog == demo.catalog and between.defaults == demo.defaults
+    budgets = {c: effective_rule(between, f"{c}-000", c, {}).latency_p95_ms
+               for c in ("mcu", "rpi3", "rpi4", "jetson")}
+    assert budgets == {"mcu": 50, "rpi3": 20, "rpi4": 8, "jetson": 1}
+
+
 def test_relative_catalog_is_taken_from_the_policy_folder(tmp_path, monkeypatch):
     path = write(tmp_path, "catalog: here/cat\n")
     assert load_policy(path).catalog == tmp_path / "here/cat"
