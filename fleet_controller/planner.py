@@ -35,7 +35,10 @@ Rules, in order:
    so it is `NOMINAL_POWER_W` for every device and min_energy orders by predicted time.
 4. Nothing feasible → the cheapest model by predicted time (ties → fewer FLOPs), with the
    reason naming what it misses.
-5. Hysteresis: a feasible running model is kept while it has run less than `min_dwell_s`, or
+5. Hysteresis: a device that has reported no latency yet keeps its running model for up to
+   `min_dwell_s` (its first report, one telemetry period later, pins its speed), unless that
+   model breaks a rule that does not depend on speed. A feasible running model is kept while
+   it has run less than `min_dwell_s`, or
    when the best gains less than `min_gain` (accuracy points for max_accuracy, relative cost
    for min_latency / min_energy: 0.1 = 10% cheaper). An infeasible running model (or one no
    longer in the catalog) is replaced at once. A decision never targets the running model.
@@ -474,6 +477,11 @@ def plan(twin: Twin, candidates: Sequence[Candidate], rule: ResolvedRule, now: f
     run, obj = s.running, s.rule.objective
     why = {c.id: _violations(c, twin, s) for c in candidates}
     feasible = [c for c in candidates if not why[c.id]]
+    if (run is not None and twin.speed is None and s.twin is not None
+            and all(w.startswith("p95") for w in why[run.id])
+            and now - twin.since < s.rule.min_dwell_s):
+        return Decision(None, s.prefix + f"keep {run.name} until the device reports its "
+                        "latency: its speed is not learned yet", s.latency(run), s.mode, s.rule)
 
     def keep(text: str) -> Decision:
         return Decision(None, s.prefix + text, s.latency(run) if run else None, s.mode, s.rule)

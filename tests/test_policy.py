@@ -54,6 +54,12 @@ def test_the_between_anchors_policy_loads_and_differs_only_in_budgets():
     budgets = {c: effective_rule(between, f"{c}-000", c, {}).latency_p95_ms
                for c in ("mcu", "rpi3", "rpi4", "jetson")}
     assert budgets == {"mcu": 50, "rpi3": 20, "rpi4": 8, "jetson": 1}
+    from simulators.cli import load_scenario
+
+    demo_events = load_scenario(ROOT / "scenarios" / "demo.yaml")
+    boots = load_scenario(ROOT / "scenarios" / "between.yaml")  # its scenario: the same events
+    assert boots.events == demo_events.events and boots.duration_s == demo_events.duration_s
+    assert {c: p[0] for c, p in boots.provision.items()} == dict.fromkeys(budgets, "mnv3-050")
 
 
 def test_relative_catalog_is_taken_from_the_policy_folder(tmp_path, monkeypatch):
