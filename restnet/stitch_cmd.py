@@ -3,6 +3,7 @@ Parses arguments and the zoo file, shows progress, prints, plots."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -16,7 +17,6 @@ from stitch_lib.catalog import Catalog
 from stitch_lib.cka import cka_matrix
 from stitch_lib.data import make_splits
 from stitch_lib.report import catalog_table, plot_cka, plot_pareto, usefulness_text
-from stitch_lib.train import TrainConfig
 from stitch_lib.zoo import ZooSpec, build_zoo
 
 # Output that is not a terminal (a log, a pipe) is not cut to 80 columns.
@@ -65,8 +65,8 @@ def _build(args: argparse.Namespace) -> Catalog:
     cfg = BuildConfig(top_k=args.top_k, screen=args.screen, finetune=args.finetune,
                       directions=args.directions, stitch_hidden=args.stitch_hidden,
                       rank_steps=args.rank_steps,
-                      ft=TrainConfig(lr=3e-3, steps=args.ft_steps, n_train=args.ft_n_train,
-                                     patience=2, distill=args.ft_distill))
+                      ft=dataclasses.replace(BuildConfig().ft, steps=args.ft_steps,
+                                             n_train=args.ft_n_train, distill=args.ft_distill))
     zoo, splits, data = _anchors(args)
     with _progress() as progress:
         cat = build_catalog(zoo, splits, Catalog(args.home / "catalog"), cfg, progress, data,
