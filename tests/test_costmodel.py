@@ -239,8 +239,6 @@ def test_a_health_check_that_fails_on_latency_teaches_the_controller(catalog, ke
     """A device far slower on the model the controller picks than its figures so far said:
     the model fails its health check on latency and the device goes back, so no telemetry
     will ever report it; the FAILED ack's measured p50 is what the controller learns from."""
-    from types import SimpleNamespace
-
     from fleet_controller.service import Controller
     from fleet_protocol.messages import Ack
     from fleetloop import write_policy
