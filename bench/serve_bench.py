@@ -1,6 +1,6 @@
 """The local inference API's overhead over an in-process call, at batch 1.
 
-    python bench/serve_bench.py [--rounds 40] [--catalog DIR] [--no-write]
+    python bench/serve_bench.py [--rounds 80] [--catalog DIR] [--no-write]
 
 The default catalog's anchors (`.restnet/catalog`, built by `make demo`), else the tiny test
 models (random weights: only the time counts), are assembled as an agent assembles them —
@@ -21,8 +21,11 @@ segments provisioned into a segment cache, rebuilt by a `SegmentRegistry`, joine
   the answer is decoded.
 
 One uint8 image of the model's own size per request. In every round each model and way runs
-in turn: 25 ms of untimed calls, then 5 timed ones; the rounds interleave them so that machine
-noise falls on all alike, and the table gives medians. The untimed calls let the torch threads
+in turn: 25 ms of untimed calls, then 10 timed ones; the rounds interleave them so that
+machine noise falls on all alike. The ms columns are medians of all calls; the overhead is
+paired by round — the median over rounds of (the round's API median ÷ its in-process median −
+1) — with the middle half of the rounds beside it, since this machine's noise is as large as
+the effect. The untimed calls let the torch threads
 of the way before stop: GNU OpenMP's threads spin ~10 ms after a forward pass, and every
 thread that runs a model (the agent's main thread for in-process calls, one per connection)
 has threads of its own, so two ways in a row would compete for the cores in a way neither
@@ -75,7 +78,7 @@ WAYS = [  # (label, client, transport, body)
     ("TCP, .npy, http.client", "http.client", "tcp", "npy"),
     ("TCP, JSON, urllib: a connection per request", "urllib", "tcp", "json"),
 ]
-WARMUP, SETTLE_S, PER_ROUND = 2, 0.025, 5  # rounds untimed; per round: seconds untimed, calls timed
+WARMUP, SETTLE_S, PER_ROUND = 2, 0.025, 10  # rounds untimed; per round: seconds untimed, calls timed
 SHIPPED = [w[0] for w in WAYS if w[1] == "restnet" and w[3] == "npy"]  # `restnet infer`
 
 
@@ -220,32 +223,40 @@ def measure(conn: PipeEnd, where: dict[str, tuple[int, Path, np.ndarray]],
     for (name, way), call in calls.items():  # the same model must answer the same
         if (got := call()[1]) != (want := calls[(name, "in process")]()[1]):
             raise RuntimeError(f"{name} over {way}: classes {got}, in process {want}")
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
+    times: dict[tuple[str, str], list[list[float]]] = {key: [] for key in calls}
     for r in range(WARMUP + rounds):
         for key, call in calls.items():
             settled = time.perf_counter() + SETTLE_S
             while time.perf_counter() < settled:
                 call()
-            for _ in range(PER_ROUND):
-                ms, _ = call()
-                if r >= WARMUP:
-                    times[key].append(ms)
+            got = [call()[0] for _ in range(PER_ROUND)]
+            if r >= WARMUP:
+                times[key].append(got)
     rows = []
     for name in where:
-        base = statistics.median(times[(name, "in process")])
+        base = times[(name, "in process")]
         for label, *_ in WAYS:
-            api = statistics.median(times[(name, label)])
-            rows.append({"model": name, "way": label, "inproc_ms": base, "api_ms": api,
-                         "over_ms": api - base, "over": (api - base) / base})
+            api = times[(name, label)]
+            # paired by round: a round's ways run within ~0.3 s of each other, so the
+            # machine's drift (a VM's neighbours, clock changes) falls on both sides alike
+            over = [statistics.median(a) / statistics.median(b) - 1 for a, b in zip(api, base)]
+            rows.append({"model": name, "way": label, "inproc_ms": _median(base),
+                         "api_ms": _median(api), "over": statistics.median(over),
+                         "over_iqr": statistics.quantiles(over, n=4)[::2]})
     return rows
+
+
+def _median(rounds: list[list[float]]) -> float:
+    return statistics.median(ms for r in rounds for ms in r)
 
 
 def table(rows: list[dict]) -> list[str]:
     lines = ["| model | local API (transport, body) | in-process ms | local API ms | "
-             "overhead ms | overhead % |", "|---|---|---|---|---|---|"]
+             "overhead %, median of rounds | middle half of rounds |", "|---|---|---|---|---|---|"]
     for r in rows:
+        lo, hi = r["over_iqr"]
         lines.append(f"| {r['model']} | {r['way']} | {r['inproc_ms']:.3f} | {r['api_ms']:.3f} | "
-                     f"{r['over_ms']:+.3f} | {100 * r['over']:+.1f}% |")
+                     f"{100 * r['over']:+.1f}% | {100 * lo:+.1f}% … {100 * hi:+.1f}% |")
     return lines
 
 
@@ -257,7 +268,7 @@ def write_results(lines: list[str]) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=40,
+    p.add_argument("--rounds", type=int, default=80,
                    help=f"rounds; each times {PER_ROUND} calls of every way and model")
     p.add_argument("--catalog", type=Path, default=ROOT / ".restnet" / "catalog",
                    help="catalog directory (default .restnet/catalog; none there: the tiny "
@@ -295,9 +306,11 @@ def main(argv: list[str] | None = None) -> int:
               else f"the tiny test models, random weights (no catalog at {args.catalog})")
     worst = max(r["over"] for r in rows if r["way"] in SHIPPED)
     lines = [f"`{cmd}`", "",
-             f"Batch 1 (one uint8 image of the model's size), {source}; medians of "
-             f"{args.rounds} × {PER_ROUND} calls in interleaved rounds (each way settled "
-             f"{SETTLE_S * 1e3:.0f} ms untimed first); {os.cpu_count()} cores (load average "
+             f"Batch 1 (one uint8 image of the model's size), {source}; {args.rounds} "
+             f"interleaved rounds of {PER_ROUND} calls of every way (each settled "
+             f"{SETTLE_S * 1e3:.0f} ms untimed first): ms columns are medians of all calls, the "
+             "overhead is the median over rounds of each round's API ÷ in-process median − 1, "
+             "and the middle half of the rounds' figures is beside it; {os.cpu_count()} cores (load average "
              f"{load[0]:.1f} at the start). In process: `Serving.infer` (what `Agent.infer` "
              "runs) timed in the agent's process. Local API: that process serving with "
              "`LocalAPI`, asked from another process; the first two rows as `restnet infer` "

@@ -229,6 +229,54 @@ def test_npy_and_image_bodies_on_kept_connections_over_tcp_and_a_unix_socket(tmp
         unix.stop()
 
 
+def test_request_heads_are_parsed_strictly_and_answered_in_one_piece():
+    """The agent reads request heads itself (not with the standard library's email parser):
+    names in any case, HTTP/1.0 closes unless kept alive, and what it cannot take gets the
+    status that says why, on a connection it then closes."""
+    slot, latency = ModelSlot(), LatencyWindow()
+    slot.swap(loaded(2.0, 7))
+    api = LocalAPI(Serving(slot, latency), port=0)
+    api.start()
+    body = npy_body(np.zeros((1, 8, 8), np.uint8))
+
+    def ask(head: bytes, payload: bytes = b"") -> tuple[int, dict, dict, bytes]:
+        with socket.create_connection(("127.0.0.1", api.port), timeout=10) as s:
+            s.sendall(head + payload)
+            s.shutdown(socket.SHUT_WR)  # a kept connection then ends after its answers
+            f = s.makefile("rb")
+            status, headers = int(f.readline().split()[1]), {}
+            while (line := f.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                headers[name.strip().lower()] = value.strip()
+            doc = f.read(int(headers.get(b"content-length", 0)))
+            return status, json.loads(doc) if doc.startswith(b"{") else {}, headers, f.read()
+
+    try:
+        status, doc, headers, rest = ask(
+            b"POST /v1/infer HTTP/1.1\r\ncontent-length: %d\r\nCONTENT-TYPE: application/x-npy; "
+            b"v=1\r\n\r\n" % len(body), body)
+        assert status == 200 and doc["generation"] == 7 and b"date" in headers
+        assert b"connection" not in headers and rest == b""
+        status, _, headers, rest = ask(b"GET /v1/model HTTP/1.0\r\n\r\n")
+        assert status == 200 and headers[b"connection"] == b"close" and rest == b""
+        status, _, headers, rest = ask(b"GET /v1/model HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+                                       b"GET /v1/model HTTP/1.0\r\n\r\n")
+        assert status == 200 and b"connection" not in headers and rest.startswith(b"HTTP/1.1 200")
+        for head, code in [
+            (b"POST /v1/infer\r\n\r\n", 400),  # no version
+            (b"GET /v1/model HTTP/2.0\r\n\r\n", 505),
+            (b"GET /v1/model HTTP/1.1\r\nno colon here\r\n\r\n", 400),
+            (b"POST /v1/infer HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 50\r\n\r\n", 400),
+            (b"GET /v1/model HTTP/1.1\r\n" + b"X-A: 1\r\n" * 101 + b"\r\n", 431),
+            (b"GET /v1/model HTTP/1.1\r\nX-A: " + b"a" * 70000 + b"\r\n\r\n", 431),
+        ]:
+            status, _, headers, rest = ask(head, b"GET /v1/model HTTP/1.1\r\n\r\n")
+            assert status == code and headers[b"connection"] == b"close", head[:40]
+            assert rest == b"", head[:40]  # closed: the request after it is never read
+    finally:
+        api.stop()
+
+
 def test_a_kept_connection_the_agent_closed_is_opened_afresh():
     """The agent closes an idle connection after 30 s: the client's next request goes out on
     a new one instead of failing."""
