@@ -1,6 +1,7 @@
 """Do hybrids pay? The default zoo measured side by side in one run.
 
-    python bench/stitch_bench.py [--zoo zoo.yaml] [--home .restnet] [--rows all|quick|apart]
+    python bench/stitch_bench.py [--zoo zoo.yaml] [--home .restnet]
+                                 [--rows all|quick|apart|default] [--reuse DIR] [--same-cost N]
 
 Every row uses the same zoo, data, seed and fine-tuning budget; anchors trained apart use the
 same budget rule as the stitch-aware ones (the zoo's `train:`). Points are chosen on the
@@ -144,12 +145,14 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--zoo", type=Path, default=ROOT / "zoo.yaml")
     p.add_argument("--home", type=Path, default=ROOT / ".restnet")
-    p.add_argument("--rows", choices=("all", "quick", "apart"), default="all",
+    p.add_argument("--rows", choices=("all", "quick", "apart", "default"), default="all",
                    help="quick: the default recipe against stitch-aware anchors; apart: the "
                         "anchors trained apart only, residual against linear stitches (no "
-                        "stitch-aware training); all: every row")
+                        "stitch-aware training); default: the CLI defaults' row alone (with "
+                        "--reuse, the catalog `restnet catalog build` made); all: every row")
     p.add_argument("--reuse", type=Path,
-                   help="a work folder of an earlier run: reuse the row catalogs it holds")
+                   help="a work folder of an earlier run: reuse the row catalogs it holds "
+                        "(row0, row1, ...; row0 may be a link to .restnet/catalog)")
     p.add_argument("--same-cost", type=int, default=0,
                    help="compare only this many useful hybrids, spread over cost (0: all)")
     args = p.parse_args()
@@ -167,7 +170,7 @@ def main() -> None:
          f"{torch.get_num_threads()} threads, data {splits.fingerprint}; fine-tuning "
          f"{cfg.ft.steps} steps of {cfg.ft.batch_size}, lr {cfg.ft.lr}).")
     emit()
-    with_sa = args.rows != "apart" or spec.stitch_aware is not None
+    with_sa = args.rows not in ("apart", "default") or spec.stitch_aware is not None
     t0 = time.perf_counter()
     sa = build_zoo(sa_spec, splits, args.home / "anchors") if with_sa else None
     t_sa = time.perf_counter() - t0
@@ -186,6 +189,8 @@ def main() -> None:
     sa_row = (f"stitch-aware anchors, co-trained or LS start, {stitch} fine-tuned", sa, cfg)
     if args.rows == "apart":
         recipes = [apart_row, linear_row]
+    elif args.rows == "default":  # a stitch-aware zoo's row is read against anchors apart
+        recipes = [sa_row, apart_row] if spec.stitch_aware else [apart_row]
     else:
         recipes = [sa_row, apart_row] if spec.stitch_aware else [apart_row, sa_row]
     default = sa if spec.stitch_aware else apart

@@ -37,8 +37,9 @@ Rules, in order:
    reason naming what it misses.
 5. Hysteresis: a device that has reported no latency yet keeps its running model for up to
    `min_dwell_s` (its first report, one telemetry period later, pins its speed), unless that
-   model breaks a rule that does not depend on speed. A feasible running model is kept while
-   it has run less than `min_dwell_s`, or
+   model breaks a rule that does not depend on speed. A feasible running model that a
+   deployment chose is kept while it has run less than `min_dwell_s` (a boot model is not:
+   keeping it prevents no flapping, it only delays the first choice), or
    when the best gains less than `min_gain` (accuracy points for max_accuracy, relative cost
    for min_latency / min_energy: 0.1 = 10% cheaper). An infeasible running model (or one no
    longer in the catalog) is replaced at once. A decision never targets the running model.
@@ -199,6 +200,8 @@ class Twin:
     lat_p95_ms: float | None = None
     running: str | None = None  # catalog ID running
     since: float = 0.0  # when it started
+    booted: bool = False  # it runs the model it booted with (generation 0): no deployment
+    # chose it, so no dwell holds it
     speed: Speeds | None = None  # learned from its reports (`learn_speed`)
     last_seen: float = 0.0  # when its last birth or telemetry arrived
     cached: frozenset[str] = frozenset()  # segment IDs the device holds
@@ -504,7 +507,7 @@ def plan(twin: Twin, candidates: Sequence[Candidate], rule: ResolvedRule, now: f
                         f"({_metric(s, run)}→{_metric(s, best)})")
     if best is run:
         return keep(f"{obj}: {run.name} is still the best ({_metric(s, run)})")
-    if now - twin.since < s.rule.min_dwell_s:
+    if not twin.booted and now - twin.since < s.rule.min_dwell_s:
         return keep(f"keep {run.name}: running {now - twin.since:.0f} s < "
                     f"{s.rule.min_dwell_s:g} s dwell (best would be {best.name})")
     gain = _gain(s, run, best)

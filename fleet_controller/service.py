@@ -321,6 +321,7 @@ class Controller:
             twin.keys_seq = s.keys_seq
             if s.hybrid != twin.running:
                 twin.running, twin.since = s.hybrid, now
+            twin.booted = s.generation == 0 and s.hybrid is not None
             dep = self.open.get(device)
             if dep is not None and s.generation >= dep.generation:  # settled while we were away
                 status = "HEALTHY" if s.hybrid == dep.hybrid else "FAILED"
@@ -349,7 +350,7 @@ class Controller:
                 self.prom.cost_error.observe(error)
         twin.online, twin.last_seen = True, now
         if twin.running is None and m.hybrid is not None:  # e.g. a boot model, ahead of a birth
-            twin.running, twin.since = m.hybrid, now
+            twin.running, twin.since, twin.booted = m.hybrid, now, m.generation == 0
         twin.battery, twin.charging, twin.temp_c = m.battery, m.charging, m.temp_c
         twin.mem_free_mb, twin.lat_p50_ms, twin.lat_p95_ms = m.mem_free_mb, m.lat_p50_ms, m.lat_p95_ms
         if c is not None and m.lat_p50_ms:
@@ -371,6 +372,7 @@ class Controller:
                     and (done.id, done.generation) == (a.deployment_id, a.generation)):
                 twin = self._twin(device)  # it runs the model before again (its birth says so)
                 twin.running, twin.since = self._rolled_back(done, a.reason or "", now), now
+                twin.booted = False  # back from a deployment: dwell before the next one
                 self._save_twin(twin)
                 return
             # from memory, not the store: a device's stray acks cost nothing but a counter
@@ -385,7 +387,7 @@ class Controller:
         if a.lat_p50_ms and entry is not None:  # a health check measured the new model
             twin.speed = learn_speed(twin, Candidate.from_entry(entry), a.lat_p50_ms)
         if a.status == "HEALTHY":
-            twin.running, twin.since = dep.hybrid, now
+            twin.running, twin.since, twin.booted = dep.hybrid, now, False
             self.metrics.adaptations += 1
             if trigger is not None:
                 self.metrics.reactions_ms.append((now - trigger) * 1e3)

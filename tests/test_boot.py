@@ -71,17 +71,18 @@ def test_a_provisioned_board_serves_its_boot_model_until_the_first_deployment(lo
     assert births()[-1].hybrid == dep.hybrid == ctl.twins["rpi4-000"].running
 
 
-def test_the_planner_keeps_a_boot_model_through_its_dwell_and_learns_from_it(
-        broker, catalog, tmp_path, keys):
+def test_the_controller_learns_from_a_boot_model_it_keeps(broker, catalog, tmp_path, keys):
+    """A boot model kept (nothing gains min_gain over it) is measured like a deployed one."""
     boot = cheapest_anchor(catalog)
-    lp = Loop(broker, catalog, tmp_path, keys, hysteresis={"min_dwell_s": 3600, "min_gain": 0.0})
+    lp = Loop(broker, catalog, tmp_path, keys, hysteresis={"min_dwell_s": 0, "min_gain": 1.0})
     try:
         agent = lp.add_agent("rpi4-001", boot=boot.name)
         ctl = lp.start_controller()
         lp.run_until(lambda: ctl.metrics.cost_errors.reports.get("rpi4-001", 0) >= 3)
         assert ctl.metrics.cost_errors.models["rpi4-001"] == [boot.id]  # measured on it
         assert ctl.twins["rpi4-001"].running == boot.id and ctl.twins["rpi4-001"].lat_p95_ms
-        assert not ctl.store.deployments("rpi4-001") and agent.applied == 0  # kept: dwell
+        assert not ctl.store.deployments("rpi4-001") and agent.applied == 0  # kept: min_gain
+        assert ctl.twins["rpi4-001"].booted
     finally:
         lp.close()
 

@@ -202,6 +202,16 @@ def test_hysteresis_dwell_and_min_gain():
     assert plan(twin(running="tiny"), close, replace(lat, min_gain=0.01), NOW).target == "h-fast"
 
 
+def test_a_boot_model_is_replaced_without_waiting_out_a_dwell():
+    """No deployment chose a boot model, so the dwell that keeps a chosen model from
+    flapping does not hold it; min_gain still does, and a chosen model keeps its dwell."""
+    booted = twin(running="h-mid", since=NOW - 5, booted=True)
+    d = plan(booted, CANDS, RULE, NOW)
+    assert d.target == "big" and "dwell" not in d.reason, d
+    assert plan(replace(booted, booted=False), CANDS, RULE, NOW).target is None  # dwell
+    assert plan(booted, CANDS, replace(RULE, min_gain=0.5), NOW).target is None  # too little
+
+
 def test_infeasible_running_model_is_replaced_despite_dwell():
     t = twin(running="big", since=NOW - 1, speed=times(4.0))
     assert plan(t, CANDS, RULE, NOW).target == "h-mid"
@@ -262,7 +272,7 @@ def random_twin(rng: random.Random, ids: list[str]) -> Twin:
                 mem_free_mb=rng.choice([None, rng.uniform(5, 200)]),
                 lat_p50_ms=p50, lat_p95_ms=p50 and p50 * rng.uniform(0.8, 4),
                 running=rng.choice([None, "gone", *ids]), since=rng.uniform(0, 100),
-                speed=rng.choice([None, times(rng.uniform(0.1, 4))]))
+                speed=rng.choice([None, times(rng.uniform(0.1, 4))]), booted=rng.random() < 0.3)
 
 
 def test_invariants_over_random_twins():
