@@ -201,9 +201,9 @@ class _Handler(BaseHTTPRequestHandler):
             if line in (b"\r\n", b"\n", b""):
                 break
             name, colon, value = str(line, "iso-8859-1").partition(":")
-            name = name.strip().lower()
-            if not colon or not name:
+            if not colon or not name or name != name.strip():  # RFC 9112: no space before ':'
                 return self._refuse(400, f"not a header line: {line[:80]!r}")
+            name = name.lower()
             if name == "content-length" and name in headers:
                 return self._refuse(400, "send one Content-Length")
             headers[name] = value.strip()

@@ -266,6 +266,7 @@ def test_request_heads_are_parsed_strictly_and_answered_in_one_piece():
             (b"POST /v1/infer\r\n\r\n", 400),  # no version
             (b"GET /v1/model HTTP/2.0\r\n\r\n", 505),
             (b"GET /v1/model HTTP/1.1\r\nno colon here\r\n\r\n", 400),
+            (b"GET /v1/model HTTP/1.1\r\nHost : x\r\n\r\n", 400),  # space before the colon
             (b"POST /v1/infer HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 50\r\n\r\n", 400),
             (b"GET /v1/model HTTP/1.1\r\n" + b"X-A: 1\r\n" * 101 + b"\r\n", 431),
             (b"GET /v1/model HTTP/1.1\r\nX-A: " + b"a" * 70000 + b"\r\n\r\n", 431),
