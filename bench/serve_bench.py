@@ -78,7 +78,7 @@ WAYS = [  # (label, client, transport, body)
     ("TCP, .npy, http.client", "http.client", "tcp", "npy"),
     ("TCP, JSON, urllib: a connection per request", "urllib", "tcp", "json"),
 ]
-WARMUP, SETTLE_S, PER_ROUND = 2, 0.025, 10  # rounds untimed; per round: seconds untimed, calls timed
+WARMUP, SETTLE_S, PER_ROUND = 2, 0.025, 10  # untimed rounds; per round: untimed s, timed calls
 SHIPPED = [w[0] for w in WAYS if w[1] == "restnet" and w[3] == "npy"]  # `restnet infer`
 
 
@@ -310,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
              f"interleaved rounds of {PER_ROUND} calls of every way (each settled "
              f"{SETTLE_S * 1e3:.0f} ms untimed first): ms columns are medians of all calls, the "
              "overhead is the median over rounds of each round's API ÷ in-process median − 1, "
-             "and the middle half of the rounds' figures is beside it; {os.cpu_count()} cores (load average "
-             f"{load[0]:.1f} at the start). In process: `Serving.infer` (what `Agent.infer` "
+             "and the middle half of the rounds' figures is beside it; "
+             f"{os.cpu_count()} cores (load average {load[0]:.1f} at the start). In process: `Serving.infer` (what `Agent.infer` "
              "runs) timed in the agent's process. Local API: that process serving with "
              "`LocalAPI`, asked from another process; the first two rows as `restnet infer` "
              "asks (one kept-alive connection, a .npy body, request in one write), the others "
