@@ -100,7 +100,8 @@ def judge(ctl: Controller, fleet: SimFleet) -> None:
 
 def mispredicted_rollbacks(ctl: Controller, telemetry_period: float) -> int:
     """Health-check rollbacks for latency of deployments made after the controller observed
-    the device's class: one telemetry period after the class's first HEALTHY model."""
+    the device's class: one telemetry period after the class's first HEALTHY model. A failed
+    health check acks FAILED, then ROLLED_BACK, and the deployment keeps the first status."""
     deps = ctl.store.deployments()
     cls = {d: t.device_class for d, t in ctl.twins.items()}
     first: dict[str, float] = {}
@@ -108,7 +109,7 @@ def mispredicted_rollbacks(ctl: Controller, telemetry_period: float) -> int:
         if dep.status == "HEALTHY":
             c = cls.get(dep.device_id, "")
             first[c] = min(first.get(c, math.inf), dep.updated)
-    return sum(dep.status == "ROLLED_BACK" and dep.reason.startswith("latency")
+    return sum(dep.status in ("FAILED", "ROLLED_BACK") and dep.reason.startswith("latency")
                and dep.created > first.get(cls.get(dep.device_id, ""), math.inf)
                + telemetry_period for dep in deps)
 

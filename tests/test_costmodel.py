@@ -269,3 +269,27 @@ def test_a_health_check_that_fails_on_latency_teaches_the_controller(catalog, ke
         assert ctl.store.twins()["d"]["speed"]["reports"] == before + 1  # and it is stored
     finally:
         ctl.store.close()
+
+
+def test_mispredicted_rollbacks_count_failed_health_checks_once_the_class_was_observed():
+    """A health check that finds p95 over the budget acks FAILED, then ROLLED_BACK, and the
+    deployment keeps FAILED: it counts once the device's class had a HEALTHY model a telemetry
+    period earlier. Canary rollbacks, other failures and unobserved classes do not count."""
+    from fleet_controller.store import Deployment
+    from restnet.demo import mispredicted_rollbacks
+
+    late = "latency p95 9.0 ms > budget 8.0 ms"
+    deps = [Deployment(f"{dev}.{gen}", dev, gen, "h", status, reason, created, created + 1, 0)
+            for dev, gen, status, reason, created in [
+                ("a-1", 1, "HEALTHY", "", 4.0),  # class a observed at 5.0
+                ("a-2", 1, "FAILED", late, 3.0),  # before that: the class was not known
+                ("a-2", 2, "FAILED", late, 10.0),  # counted
+                ("a-2", 3, "ROLLED_BACK", late, 11.0),  # counted
+                ("a-2", 4, "ROLLED_BACK", "canary: probe accuracy fell", 12.0),
+                ("a-2", 5, "FAILED", "verification: delta sha256 mismatch", 13.0),
+                ("b-1", 1, "FAILED", late, 20.0),  # class b never ran a model healthily
+            ]]
+    twins = {d: SimpleNamespace(device_class=d[0]) for d in ("a-1", "a-2", "b-1")}
+    ctl = SimpleNamespace(store=SimpleNamespace(deployments=lambda: deps), twins=twins)
+    assert mispredicted_rollbacks(ctl, telemetry_period=2.0) == 2
+    assert mispredicted_rollbacks(ctl, telemetry_period=5.5) == 1  # a-2.2 within the period
