@@ -276,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-write", dest="write", action="store_false",
                    help="do not update docs/results.md")
     args = p.parse_args(argv)
+    if args.rounds < 2:
+        p.error("--rounds must be at least 2 (the middle half of the rounds is reported)")
     catalog = args.catalog.resolve() if (args.catalog / "catalog.json").is_file() else None
     cmd, load = command_line(), os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:

@@ -259,14 +259,19 @@ def _prior_by_kind(twin: Twin, c: Candidate) -> dict[str, float]:
     return {k: ms for k, _, ms in c.by_kind}
 
 
-def predict_ms(twin: Twin, c: Candidate) -> float:
-    """Predicted p50 latency of `c` on this device (see the module docstring): each kind's
-    prior time (`_prior_by_kind`, inlined: the planner's hot path) times its learned factor."""
-    speeds = twin.speed or NO_SPEEDS
+def _sum_by_kind(twin: Twin, c: Candidate, factor: Callable[[str], float]) -> float:
+    """Σ over `c`'s kinds of the kind's prior time on this device (`_prior_by_kind`, inlined:
+    the planner's hot path) × `factor(kind)`."""
     if twin.gflops:
         g, per = twin.gflops, twin.kind_gflops
-        return sum(f / (per.get(kind, g) * 1e6) * speeds.factor(kind) for kind, f, _ in c.by_kind)
-    return sum(ms * speeds.factor(kind) for kind, _, ms in c.by_kind)
+        return sum(f / (per.get(kind, g) * 1e6) * factor(kind) for kind, f, _ in c.by_kind)
+    return sum(ms * factor(kind) for kind, _, ms in c.by_kind)
+
+
+def predict_ms(twin: Twin, c: Candidate) -> float:
+    """Predicted p50 latency of `c` on this device (see the module docstring): each kind's
+    prior time times its learned factor."""
+    return _sum_by_kind(twin, c, (twin.speed or NO_SPEEDS).factor)
 
 
 def _kind_sd(twin: Twin) -> Callable[[str], float]:
@@ -287,10 +292,7 @@ def _upper_bound_ms(twin: Twin, c: Candidate) -> float:
     """≥ `predict_upper_ms`, as cheap as `predict_ms` (the planner's hot path): every kind's
     factor `MARGIN_Z` sd high at once, as if the kinds' errors were perfectly correlated."""
     speeds, per = twin.speed or NO_SPEEDS, twin.kind_gflops
-    if twin.gflops:
-        g = twin.gflops
-        return sum(f / (per.get(k, g) * 1e6) * speeds.high(k, k in per) for k, f, _ in c.by_kind)
-    return sum(ms * speeds.high(k, k in per) for k, _, ms in c.by_kind)
+    return _sum_by_kind(twin, c, lambda k: speeds.high(k, k in per))
 
 
 def tail_factor(twin: Twin) -> float:
