@@ -6,8 +6,10 @@ For every ordered anchor pair, the catalog build's CKA screen is re-run (the sam
 points); each point is fitted by least squares and then fine-tuned, stitch only, for each of
 `--steps` steps from that start (the build's fine-tuning settings, its own cosine schedule).
 Against the final test accuracy of the catalog's fine-tuned hybrids, the Spearman of: CKA, the
-least-squares validation accuracy, and the validation accuracy after each short fine-tuning;
-also of the final validation accuracy (the ceiling any validation-split ranking can reach here).
+least-squares validation accuracy, the validation accuracy and cross-entropy after each short
+fine-tuning, and the accuracy extrapolated from the two longest to the build's length (a line
+in log steps); also of the final validation accuracy (the ceiling any validation-split ranking
+can reach here). `--rows FILE` keeps every screened point's figures.
 The seconds the short fine-tunings of every screened point took are the ranking's price, beside
 what the build spent fine-tuning. Writes its block into docs/results.md (target: Spearman ≥ 0.9).
 """
@@ -15,10 +17,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
+
+import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -68,6 +75,7 @@ def measure(home: Path, zoo_path: Path, steps: list[int]) -> tuple[list[dict], C
                     row[s] = finetune_stitch(h, splits, dataclasses.replace(ft, steps=s),
                                              cache=cache).val_acc
                     row[f"s{s}"] = time.perf_counter() - t0
+                    row[f"nll{s}"] = val_nll(h, splits.val)
                 e = final.get((a.spec.name, b.spec.name, i, j))
                 row.update(final_test=e.test_acc if e else None,
                            final_val=e.val_acc if e else None,
@@ -75,6 +83,20 @@ def measure(home: Path, zoo_path: Path, steps: list[int]) -> tuple[list[dict], C
                 log.info("%s (%d, %d): %s", row["pair"], i, j, row)
                 rows.append(row)
     return rows, cat, build
+
+
+@torch.no_grad()
+def val_nll(model: torch.nn.Module, split) -> float:
+    """Mean cross-entropy of `model` on `split`: a finer-grained signal than accuracy."""
+    model.eval()
+    return sum(float(F.cross_entropy(model(x), y, reduction="sum"))
+               for x, y in split.batches(512)) / len(split)
+
+
+def extrapolate(a: float, b: float, s_a: int, s_b: int, s_to: int) -> float:
+    """Validation accuracy at `s_to` steps from `a` at `s_a` and `b` at `s_b`, on a line in
+    log(steps): a learning curve's simplest extrapolation."""
+    return b + (b - a) * math.log(s_to / s_b) / math.log(s_b / s_a)
 
 
 def report(rows: list[dict], steps: list[int], build: dict) -> list[str]:
@@ -91,9 +113,16 @@ def report(rows: list[dict], steps: list[int], build: dict) -> list[str]:
            f"| least-squares val acc (the default) | "
            f"{spearman([r['ls_val'] for r in tuned], y):.2f} | — |"]
     for s in steps:
+        price = f"{sum(r[f's{s}'] for r in rows):.0f}"
         out.append(f"| val acc after {s} fine-tuning steps | "
-                   f"{spearman([r[s] for r in tuned], y):.2f} | "
-                   f"{sum(r[f's{s}'] for r in rows):.0f} |")
+                   f"{spearman([r[s] for r in tuned], y):.2f} | {price} |")
+        out.append(f"| val cross-entropy after {s} steps (lower ranks higher) | "
+                   f"{spearman([-r[f'nll{s}'] for r in tuned], y):.2f} | {price} |")
+    if len(steps) >= 2:  # the two longest, extrapolated to the build's length
+        s_a, s_b, s_to = steps[-2], steps[-1], BuildConfig().ft.steps
+        price = f"{sum(r[f's{s_a}'] + r[f's{s_b}'] for r in rows):.0f}"
+        out.append(f"| val acc after {s_a} and {s_b} steps, extrapolated to {s_to} "
+                   f"(log-linear) | {spearman([extrapolate(r[s_a], r[s_b], s_a, s_b, s_to) for r in tuned], y):.2f} | {price} |")
     out.append(f"| final val acc (the ceiling, not a ranking) | "
                f"{spearman([r['final_val'] for r in tuned], y):.2f} | — |")
     ft = sum(r["ft_seconds"] or 0.0 for r in tuned)
@@ -107,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zoo", type=Path, default=ROOT / "zoo.yaml")
     p.add_argument("--steps", default="50,150", help="short fine-tuning lengths, comma-separated")
     p.add_argument("--no-write", dest="write", action="store_false")
+    p.add_argument("--rows", type=Path, help="also write every screened point's figures here "
+                   "(JSON)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     steps = sorted({int(s) for s in args.steps.split(",")})
@@ -116,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"rank_bench: no catalog under {args.home}; "
                          "run `restnet catalog build` first")
     rows, _, build = measure(args.home, args.zoo, steps)
+    if args.rows:
+        args.rows.write_text(json.dumps(rows, indent=1, default=str))
     lines = report(rows, steps, build)
     print("\n".join(lines))
     if args.write:

@@ -59,6 +59,9 @@ from .worker import ThreadWorker, Worker
 
 log = logging.getLogger(__name__)
 REFETCH_AFTER_S = 10.0  # re-request missing chunks after this long without progress
+# telemetry's latency figures cover at most this many telemetry periods: an idle device probes
+# once a period, so its p50 moves within about three periods when its speed changes
+LATENCY_WINDOW_PERIODS = 5
 _TAGS_FIELD = Capabilities.model_fields["tags"]
 _TAGS = TypeAdapter(Annotated[_TAGS_FIELD.annotation, *_TAGS_FIELD.metadata])  # as on the wire
 # an entry of applied.json: a deployment, or the boot model (a deployment rolled back to it)
@@ -155,7 +158,8 @@ class Agent:
         self.cache = SegmentCache(cfg.cache_dir)
         self.registry = registry or SegmentRegistry()
         self.slot = ModelSlot()
-        self.latency = LatencyWindow()
+        self.latency = LatencyWindow(
+            max_age_s=LATENCY_WINDOW_PERIODS * cfg.telemetry_period, clock=clock)
         self.prom = AgentMetrics(self._tallies)
         self.serving = Serving(self.slot, self.latency, cfg.max_queue,
                                observe=self.prom.latency_ms.observe)

@@ -6,6 +6,7 @@ never shows a half-built model and requests in flight finish on the model they s
 """
 from __future__ import annotations
 
+import math
 import statistics
 import threading
 import time
@@ -131,15 +132,22 @@ class ModelSlot:
 
 
 class LatencyWindow:
-    """The last latencies of the running model (served requests and probes), for p50/p95 in
-    telemetry and the health check. Thread-safe; samples of any model but the one it was
+    """The recent latencies of the running model (served requests and probes), for p50/p95
+    in telemetry and the health check: the last `size` samples, none older than `max_age_s`
+    (so a device that throttles, or that probes once per telemetry period while idle, reports
+    what it does now, not minutes ago). Thread-safe; samples of any model but the one it was
     last `reset` to are ignored, so a request that began before a swap never counts for the
     new model."""
 
-    def __init__(self, size: int = 64) -> None:
+    def __init__(self, size: int = 64, max_age_s: float = math.inf,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if size < 1 or not max_age_s > 0:
+            raise ValueError(f"a latency window needs size ≥ 1 and max_age_s > 0, got {size} "
+                             f"and {max_age_s}")
         self._lock = threading.Lock()
-        self._values: deque[float] = deque(maxlen=size)
+        self._values: deque[tuple[float, float]] = deque(maxlen=size)  # (when, ms)
         self._owner: Loaded | None = None
+        self.max_age_s, self.clock = max_age_s, clock
         self.count = 0  # samples taken, ever
 
     def reset(self, owner: Loaded | None) -> None:
@@ -151,12 +159,16 @@ class LatencyWindow:
     def add(self, ms: float, owner: Loaded | None) -> None:
         with self._lock:
             if owner is self._owner:
-                self._values.append(ms)
+                self._values.append((self.clock(), ms))
                 self.count += 1
 
     def percentile(self, q: float) -> float | None:
+        """The `q`th percentile of the samples in the window; None without any."""
+        oldest = self.clock() - self.max_age_s
         with self._lock:
-            values = list(self._values)
+            while self._values and self._values[0][0] < oldest:
+                self._values.popleft()
+            values = [ms for _, ms in self._values]
         return percentile(values, q)
 
 

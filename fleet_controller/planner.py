@@ -22,8 +22,10 @@ Rules, in order:
    the device reports for the model it runs and from its health checks (`learn_speed`): an
    overall factor shared by every kind plus a correction per kind, by recursive least
    squares — so what a device shows on one model carries over to models it has never run,
-   per kind of operator, not as one scalar. How well this predicts is scored as reports
-   arrive (fleet_controller.costerror).
+   per kind of operator, not as one scalar. A change in the device's temperature widens the
+   overall factor's uncertainty (`Speeds.heated`): a hot chip throttles, and the latency it
+   reports describes a window before its temperature reading. How well this predicts is
+   scored as reports arrive (fleet_controller.costerror).
    A model other than the running one must fit with a margin: its predicted p50 plus
    `MARGIN_Z` standard deviations of the prediction (`predict_upper_ms`), from the learner's
    covariance — a few percent for the kinds the device has run, wide for kinds it never ran,
@@ -61,6 +63,10 @@ NOMINAL_POWER_W = 1.0  # a device's active power, until a message carries it
 # heats up, gets loaded), and the p50's relative noise
 PRIOR_SD, KIND_SD, KIND_PRIOR_SD, DRIFT, KIND_DRIFT, NOISE = 1.0, 0.5, 0.2, 0.1, 0.03, 0.05
 MARGIN_Z = 2.0  # a model not running must fit at its predicted p50 + this many sd
+# sd of the overall factor's change per °C the device's temperature moves: chips throttle
+# when hot (often to half speed over some 20 °C), so a speed learned at another temperature
+# is doubted until the device reports latency at this one (`Speeds.heated`)
+TEMP_DRIFT = 0.02
 
 
 class Term(NamedTuple):
@@ -155,6 +161,16 @@ class Speeds:
         object.__setattr__(self, "_high_new", {
             announced: self._overall + MARGIN_Z * (c[0][0] + sd ** 2) ** 0.5
             for announced, sd in ((True, KIND_PRIOR_SD), (False, KIND_SD))})
+
+    def heated(self, delta_c: float) -> Speeds:
+        """These speeds after the device's temperature moved by `delta_c` °C: the overall
+        factor's variance grows by (`TEMP_DRIFT` × `delta_c`)², so models the device has not
+        run need a wider margin until a report at the new temperature narrows it again."""
+        if not delta_c:
+            return self
+        cov = [list(r) for r in self.cov]
+        cov[0][0] += (TEMP_DRIFT * delta_c) ** 2
+        return replace(self, cov=tuple(tuple(r) for r in cov))
 
     def factor(self, kind: str) -> float:
         return self._factors.get(kind, self._overall)

@@ -351,10 +351,13 @@ class Controller:
         twin.online, twin.last_seen = True, now
         if twin.running is None and m.hybrid is not None:  # e.g. a boot model, ahead of a birth
             twin.running, twin.since, twin.booted = m.hybrid, now, m.generation == 0
+        was_c = twin.temp_c
         twin.battery, twin.charging, twin.temp_c = m.battery, m.charging, m.temp_c
         twin.mem_free_mb, twin.lat_p50_ms, twin.lat_p95_ms = m.mem_free_mb, m.lat_p50_ms, m.lat_p95_ms
         if c is not None and m.lat_p50_ms:
             twin.speed = learn_speed(twin, c, m.lat_p50_ms)
+        if twin.speed is not None and was_c is not None:  # after learning: the p50 is older
+            twin.speed = twin.speed.heated(m.temp_c - was_c)  # than the temperature reading
         watched = self.watch.get(device)
         if watched is not None and m.generation == watched[0]:
             self._watch(device, watched[0], replace(

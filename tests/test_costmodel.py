@@ -231,6 +231,10 @@ def test_the_controller_scores_the_p95_it_predicted_before_learning(catalog, key
         assert list(ctl.metrics.cost_errors.errors["all"]) == pytest.approx(scored[3:])
         assert ctl.prom.registry.get_sample_value(
             "restnet_controller_cost_error_ratio_sum") == pytest.approx(sum(scored[3:]))
+        before = copy.deepcopy(ctl.twins["d"])  # a heat wave: 40 °C → 80 °C in one report
+        ctl._on_telemetry("d", Telemetry(seq=9, ts=1.0, cpu=0.1, mem_free_mb=900, temp_c=80,
+                                         hybrid=c.id, lat_p50_ms=5.3, lat_p95_ms=6.4), 1.0)
+        assert ctl.twins["d"].speed == learn_speed(before, c, 5.3).heated(40.0)
     finally:
         ctl.store.close()
 

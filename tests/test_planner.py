@@ -188,6 +188,22 @@ def test_hot_device_only_gets_cheaper_models():
     assert plan(twin(temp_c=80), CANDS, RULE, NOW).target == "tiny"  # nothing known runs
 
 
+def test_a_hot_device_steps_down_to_what_fits_even_if_heat_throttles_it():
+    rule = replace(RULE, latency_p95_ms=40)
+    t = twin(speed=None, running="h-ls", since=NOW - 60, temp_c=45)
+    for _ in range(5):  # measured at 45 °C: 2.5 × the prior, and certain of it
+        t.speed = learn_speed(t, BY_ID["h-ls"], 35.0)
+    hot = replace(t, temp_c=88)  # h-mid: 25 ms at 45 °C, 45 ms if the heat halves the speed
+    assert plan(hot, CANDS, rule, NOW).target == "h-mid"  # the speed of 45 °C, trusted
+    hot.speed = t.speed.heated(88 - 45)
+    assert t.speed.heated(0) is t.speed and hot.speed.mean == t.speed.mean
+    d = plan(hot, CANDS, rule, NOW)
+    assert (d.target, d.mode) == ("h-small", "hot")
+    assert "margin > 40 ms budget" in explain(hot, CANDS, rule, NOW)["h-mid"][0]
+    hot.speed = learn_speed(hot, BY_ID["h-ls"], 35.0)  # it reports: still 35 ms when hot
+    assert plan(hot, CANDS, rule, NOW).target == "h-mid"
+
+
 def test_hysteresis_dwell_and_min_gain():
     t = twin(running="h-mid", since=NOW - 5)
     d = plan(t, CANDS, RULE, NOW)

@@ -55,6 +55,18 @@ def test_latency_window_and_health_verdict():
     for ms in range(1, 101):
         w.add(float(ms), None)
     assert 49 <= w.percentile(50) <= 51 and 94 <= w.percentile(95) <= 96
+    now = [0.0]  # a window by age: a slowed device's figures move within max_age_s
+    w = LatencyWindow(size=64, max_age_s=10.0, clock=lambda: now[0])
+    for t in range(21):
+        now[0] = float(t)
+        w.add(2.0 if t < 15 else 5.0, None)
+        if t == 19:
+            assert w.percentile(50) == 2.0  # t 9..19: 6 fast, 5 slow
+    assert w.percentile(50) == 5.0 and w.percentile(5) == 2.0  # t 10..20: 5 fast, 6 slow
+    now[0] = 31.0
+    assert w.percentile(50) is None
+    with pytest.raises(ValueError, match="max_age_s > 0"):
+        LatencyWindow(max_age_s=0)
     assert health_verdict(96.0, 50.0, None, None).startswith("latency p95 96.0 ms > budget")
     assert health_verdict(10.0, 50.0, 0.5, 0.7).startswith("probe accuracy 0.500 < 0.700")
     assert health_verdict(10.0, 50.0, 0.9, 0.7) is None
