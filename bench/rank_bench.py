@@ -9,7 +9,8 @@ Against the final test accuracy of the catalog's fine-tuned hybrids, the Spearma
 least-squares validation accuracy, the validation accuracy and cross-entropy after each short
 fine-tuning, and the accuracy extrapolated from the two longest to the build's length (a line
 in log steps); also of the final validation accuracy (the ceiling any validation-split ranking
-can reach here). `--rows FILE` keeps every screened point's figures.
+can reach here). `--rows FILE` keeps every screened point's figures; `--from-rows FILE`
+reports them again without measuring.
 The seconds the short fine-tunings of every screened point took are the ranking's price, beside
 what the build spent fine-tuning. Writes its block into docs/results.md (target: Spearman ≥ 0.9).
 """
@@ -138,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-write", dest="write", action="store_false")
     p.add_argument("--rows", type=Path, help="also write every screened point's figures here "
                    "(JSON)")
+    p.add_argument("--from-rows", type=Path, help="measure nothing: report the figures an "
+                   "earlier run wrote with --rows (the same --steps)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     steps = sorted({int(s) for s in args.steps.split(",")})
@@ -146,7 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.home / "catalog" / "catalog.json").exists():
         raise SystemExit(f"rank_bench: no catalog under {args.home}; "
                          "run `restnet catalog build` first")
-    rows, _, build = measure(args.home, args.zoo, steps)
+    if args.from_rows:  # report what an earlier run measured (its --rows file)
+        rows = [{(int(k) if k.isdigit() else k): v for k, v in r.items()}
+                for r in json.loads(args.from_rows.read_text())]
+        build = Catalog.load(args.home / "catalog").meta.get("build", {})
+    else:
+        rows, _, build = measure(args.home, args.zoo, steps)
     if args.rows:
         args.rows.write_text(json.dumps(rows, indent=1, default=str))
     lines = report(rows, steps, build)
