@@ -122,8 +122,9 @@ def report(rows: list[dict], steps: list[int], build: dict) -> list[str]:
     if len(steps) >= 2:  # the two longest, extrapolated to the build's length
         s_a, s_b, s_to = steps[-2], steps[-1], BuildConfig().ft.steps
         price = f"{sum(r[f's{s_a}'] + r[f's{s_b}'] for r in rows):.0f}"
+        rho = spearman([extrapolate(r[s_a], r[s_b], s_a, s_b, s_to) for r in tuned], y)
         out.append(f"| val acc after {s_a} and {s_b} steps, extrapolated to {s_to} "
-                   f"(log-linear) | {spearman([extrapolate(r[s_a], r[s_b], s_a, s_b, s_to) for r in tuned], y):.2f} | {price} |")
+                   f"(log-linear) | {rho:.2f} | {price} |")
     out.append(f"| final val acc (the ceiling, not a ranking) | "
                f"{spearman([r['final_val'] for r in tuned], y):.2f} | — |")
     ft = sum(r["ft_seconds"] or 0.0 for r in tuned)
