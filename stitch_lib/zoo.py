@@ -32,6 +32,10 @@ from .stitch import Stitch
 from .train import TrainConfig, evaluate, train_anchor
 
 BUDGET_KEYS = ("epochs", "n_train", "batch_size", "steps", "augment", "seed")
+# how an anchor's initial weights are drawn, part of its cache key: from `train.seed` (before
+# this, from the process's unseeded RNG, so the first anchor of a build retrained to different
+# weights under one key)
+INIT = "seeded"
 log = logging.getLogger(__name__)
 
 
@@ -158,16 +162,19 @@ def create(spec: AnchorSpec, splits: DataSplits) -> nn.Module:
             spec.model, pretrained=True, num_classes=splits.num_classes,
             in_chans=splits.in_chans, **spec.kwargs,
             pretrained_cfg_overlay=dict(file=str(path), num_classes=splits.num_classes)).eval()
-    return from_recipe(recipe(spec, splits)).train()
+    with torch.random.fork_rng(devices=[]):  # initial weights from the anchor's seed alone
+        torch.manual_seed(spec.train.seed)
+        return from_recipe(recipe(spec, splits)).train()
 
 
 def _provenance(specs: list[AnchorSpec]) -> dict[str, Any]:
     """What else decides trained weights: library versions, CPU threads (they change the
-    order of float sums) and the content of every checkpoint started from."""
+    order of float sums), the content of every checkpoint started from, and how initial
+    weights are drawn (`INIT`)."""
     ckpts = {s.name: hashlib.sha256(Path(s.checkpoint).read_bytes()).hexdigest()
              for s in specs if s.checkpoint}
     return {"timm": timm.__version__, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "checkpoints": ckpts}
+            "threads": torch.get_num_threads(), "checkpoints": ckpts, "init": INIT}
 
 
 def cache_key(spec: AnchorSpec, splits: DataSplits) -> str:

@@ -9,7 +9,7 @@ from stitch_lib import Catalog, Entry, pareto
 from stitch_lib.assemble import anchor_segments
 from stitch_lib.build import BuildConfig, load_hybrid, to_finetune
 from stitch_lib.train import TrainConfig, evaluate
-from stitch_lib.zoo import AnchorSpec, ZooSpec, build_zoo, load_anchor
+from stitch_lib.zoo import AnchorSpec, ZooSpec, build_zoo, create, load_anchor
 
 QUICK = {"epochs": 1, "batch_size": 64, "lr": 3e-3}
 TINY_ZOO = {
@@ -128,6 +128,22 @@ def test_anchor_cache_and_checkpoint(splits, tmp_path):
     c = load_anchor(AnchorSpec(name="r2", model="test_resnet", checkpoint=str(ckpt)), splits,
                     tmp_path)
     assert evaluate(c.model, splits.val) == pytest.approx(a.val_acc)
+
+
+def test_an_anchor_trains_to_the_same_weights_whatever_ran_before(splits, tmp_path):
+    """One cache key, one set of weights: the initial weights come from the anchor's seed,
+    not from whatever the process drew from the global RNG before (the first anchor of a
+    build used to retrain to different weights under one key)."""
+    spec = AnchorSpec(name="r", model="test_resnet", train=TrainConfig(**QUICK))
+    weights = []
+    for before in (1, 2):
+        torch.manual_seed(before)
+        state = torch.random.get_rng_state()
+        create(spec, splits)
+        assert torch.equal(torch.random.get_rng_state(), state)  # create draws from its own
+        a = load_anchor(spec, splits, tmp_path / str(before))
+        weights.append(a.model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_zoo_spec_errors_name_the_key():
