@@ -26,6 +26,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -512,8 +513,8 @@ class Agent:
         self._ack(d, "SWAPPED", swap_ms=swap_ms)
         problem, acc = self._health(new)
         # what the check measured, before a rollback clears it: the controller learns from it
-        seen = dict(probe_acc=acc, lat_p50_ms=self.latency.percentile(50),
-                    lat_p95_ms=self.latency.percentile(95))
+        seen = dict(probe_acc=acc, lat_p50_ms=self.latency.percentile(50, math.inf),
+                    lat_p95_ms=self.latency.percentile(95, math.inf))
         if problem is None:
             self._ack(d, "HEALTHY", **seen)
             if old is not None and self.cfg.canary.enabled:
@@ -579,8 +580,10 @@ class Agent:
                                           _digest(y)), probe_acc)
             except ValueError as exc:
                 return str(exc), None
-        return health_verdict(self.latency.percentile(95), new.desired.latency_budget_ms, acc,
-                              new.desired.min_accuracy), acc
+        # every sample since the swap, however slow the model: the window's age limit is for
+        # telemetry, and would drop the first probes of a model slower than max_age_s / 8
+        return health_verdict(self.latency.percentile(95, math.inf),
+                              new.desired.latency_budget_ms, acc, new.desired.min_accuracy), acc
 
     # --- persistence: the running model survives a restart ------------------------------
     def _save(self) -> None:

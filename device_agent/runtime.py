@@ -162,13 +162,13 @@ class LatencyWindow:
                 self._values.append((self.clock(), ms))
                 self.count += 1
 
-    def percentile(self, q: float) -> float | None:
-        """The `q`th percentile of the samples in the window; None without any."""
-        oldest = self.clock() - self.max_age_s
+    def percentile(self, q: float, max_age_s: float | None = None) -> float | None:
+        """The `q`th percentile of the samples no older than `max_age_s` (default: the
+        window's; `math.inf`: every sample since the last `reset`, up to `size`); None
+        without any."""
+        oldest = self.clock() - (self.max_age_s if max_age_s is None else max_age_s)
         with self._lock:
-            while self._values and self._values[0][0] < oldest:
-                self._values.popleft()
-            values = [ms for _, ms in self._values]
+            values = [ms for when, ms in self._values if when >= oldest]
         return percentile(values, q)
 
 

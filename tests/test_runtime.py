@@ -1,4 +1,5 @@
 """The agent's model slot: atomic swaps, requests in flight finish on the old model."""
+import math
 import threading
 
 import pytest
@@ -65,11 +66,44 @@ def test_latency_window_and_health_verdict():
     assert w.percentile(50) == 5.0 and w.percentile(5) == 2.0  # t 10..20: 5 fast, 6 slow
     now[0] = 31.0
     assert w.percentile(50) is None
+    # every sample since the reset (15 of 2 ms, 6 of 5 ms), however old
+    assert w.percentile(50, max_age_s=math.inf) == 2.0 and w.percentile(95, math.inf) == 5.0
     with pytest.raises(ValueError, match="max_age_s > 0"):
         LatencyWindow(max_age_s=0)
     assert health_verdict(96.0, 50.0, None, None).startswith("latency p95 96.0 ms > budget")
     assert health_verdict(10.0, 50.0, 0.5, 0.7).startswith("probe accuracy 0.500 < 0.700")
     assert health_verdict(10.0, 50.0, 0.9, 0.7) is None
+
+
+def test_the_health_check_judges_a_slow_model_on_every_probe(tmp_path):
+    """A model so slow that each probe takes longer than the telemetry window's age limit is
+    still judged on all of its probes, not on none (which would pass it as healthy)."""
+    from device_agent.agent import Agent, AgentConfig
+    from device_agent.cache import SegmentRegistry
+    from device_agent.worker import InlineWorker
+    from fleet_runtime.mqtt import ClientHost
+    from simulators.devices import CLASSES, SimResources, SimState
+
+    now = [0.0]
+
+    def clock():  # each reading is an hour after the one before
+        now[0] += 3600.0
+        return now[0]
+    host = ClientHost()
+    agent = Agent(AgentConfig("rpi4-000", tmp_path / "board"),
+                  SimResources(CLASSES["rpi4"], SimState()), host, SegmentRegistry(),
+                  clock=clock, worker=InlineWorker())
+    try:
+        d = Desired(device_id="rpi4-000", generation=1, deployment_id="d1", hybrid="h1",
+                    front=["5e" * 32], ts=0.0, latency_budget_ms=1e-3)  # under any latency
+        slow = Loaded(Gate(1.0), d, flops=10**8, input=InputSpec(1, (8, 8)))
+        agent.latency.reset(slow)
+        problem, _ = agent._health(slow)
+        assert problem is not None and problem.startswith("latency p95 "), problem
+        assert agent.latency.percentile(95) is None  # telemetry's window has aged them out
+    finally:
+        agent.worker.stop()
+        host.close()
 
 
 def test_the_registry_computes_once_per_key_and_remembers_refusals(monkeypatch):
