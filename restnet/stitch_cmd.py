@@ -16,6 +16,7 @@ from stitch_lib.build import FINETUNE_MODES, BuildConfig, build_catalog
 from stitch_lib.catalog import Catalog
 from stitch_lib.cka import cka_matrix
 from stitch_lib.data import make_splits
+from stitch_lib.train import DEVICES, resolve_device
 from stitch_lib.report import catalog_table, plot_cka, plot_pareto, usefulness_text
 from stitch_lib.zoo import ZooSpec, build_zoo
 
@@ -33,7 +34,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zoo", type=Path, default=Path("zoo.yaml"), help="anchor zoo file (YAML)")
     p.add_argument("--home", type=Path, default=DEFAULT_HOME,
                    help="where trained anchors and the catalog live (default .restnet)")
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="where anchors train and stitches fine-tune (auto: CUDA when there "
+                        "is a GPU; default cpu); costs and accuracy are measured on the CPU")
     p.add_argument("-v", "--verbose", action="store_true")
+
+
+def _device(name: str):
+    """The torch device for --device; exits with what to pass instead when it is not here."""
+    try:
+        return resolve_device(name)
+    except ValueError as exc:
+        raise SystemExit(f"restnet: --device: {exc}") from exc
 
 
 def load_zoo(path: Path) -> ZooSpec:
@@ -55,7 +67,7 @@ def _anchors(args: argparse.Namespace):
     except (OSError, ValueError) as exc:
         raise SystemExit(f"restnet: zoo {args.zoo}: {exc}") from exc
     with _progress() as progress:
-        zoo = build_zoo(spec, splits, args.home / "anchors", progress)
+        zoo = build_zoo(spec, splits, args.home / "anchors", progress, args.device)
     return zoo, splits, data
 
 
@@ -71,7 +83,8 @@ def _build(args: argparse.Namespace) -> Catalog:
     with _progress() as progress:
         cat = build_catalog(zoo, splits, Catalog(args.home / "catalog"), cfg, progress, data,
                             delta_size=lambda t: len(pack_delta(
-                                {k: v.detach().cpu().numpy() for k, v in t.items()})))
+                                {k: v.detach().cpu().numpy() for k, v in t.items()})),
+                            device=args.device)
     console.print(f"catalog written to {cat.root / 'catalog.json'}")
     return cat
 
@@ -107,6 +120,8 @@ def catalog_main(argv: list[str]) -> int:
     s.add_argument("--home", type=Path, default=DEFAULT_HOME)
     s.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
+    if args.action == "build":
+        args.device = _device(args.device)
     # A long build logs its progress when its output is not a terminal.
     logging.basicConfig(level=logging.INFO if args.verbose or not sys.stdout.isatty()
                         else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
@@ -125,6 +140,7 @@ def cka_main(argv: list[str]) -> int:
     p.add_argument("--out", type=Path, help="PNG to write (default cka-FRONT-BACK.png)")
     _common(p)
     args = p.parse_args(argv)
+    args.device = _device(args.device)
     zoo, splits, _ = _anchors(args)
     by_name = {a.spec.name: a for a in zoo.anchors}
     missing = [n for n in (args.front, args.back) if n not in by_name]

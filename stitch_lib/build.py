@@ -130,7 +130,8 @@ def _wire_size(tensors: dict[str, torch.Tensor]) -> int:
 
 
 def _ranked_points(a: Anchor, b: Anchor, splits: DataSplits, cfg: BuildConfig,
-                   m: torch.Tensor, candidates: list[dict]) -> list[tuple[Hybrid, dict]]:
+                   m: torch.Tensor, candidates: list[dict],
+                   device: torch.device | str) -> list[tuple[Hybrid, dict]]:
     """Anchors trained apart: CKA screen, then the top-k by least-squares validation accuracy,
     or by validation accuracy after `cfg.rank_steps` steps of stitch fine-tuning."""
     calib = splits.calib.x
@@ -145,7 +146,8 @@ def _ranked_points(a: Anchor, b: Anchor, splits: DataSplits, cfg: BuildConfig,
         if cfg.rank_steps:
             start = copy.deepcopy(h.stitch.state_dict())
             info["rank_val_acc"] = finetune_stitch(
-                h, splits, dataclasses.replace(cfg.ft, steps=cfg.rank_steps), cache=cache).val_acc
+                h, splits, dataclasses.replace(cfg.ft, steps=cfg.rank_steps), cache=cache,
+                device=device).val_acc
             h.stitch.load_state_dict(start)
         candidates.append(dict(front=a.spec.name, back=b.spec.name, i=i, j=j, **info))
         ranked.append((h, info))
@@ -176,10 +178,12 @@ def _cotrained_point(a: Anchor, b: Anchor, p: Point, stitch: Stitch, splits: Dat
 def build_catalog(zoo: Zoo | list[Anchor], splits: DataSplits, catalog: Catalog,
                   cfg: BuildConfig = BuildConfig(), progress: Progress | None = None,
                   data: dict | None = None,
-                  delta_size: Callable[[dict[str, torch.Tensor]], int] = _wire_size) -> Catalog:
+                  delta_size: Callable[[dict[str, torch.Tensor]], int] = _wire_size,
+                  device: torch.device | str = "cpu") -> Catalog:
     """Rank, build, fine-tune and measure hybrids of the zoo's anchors into `catalog` (saved).
     `data` (the `make_splits` arguments) is kept so stitches can be fine-tuned later;
-    `delta_size` measures a stitch as the wire ships it."""
+    `delta_size` measures a stitch as the wire ships it. Stitches fine-tune on `device`;
+    CKA, least-squares fits, accuracy and costs are measured on the CPU."""
     zoo = zoo if isinstance(zoo, Zoo) else Zoo(list(zoo))
     anchors = zoo.anchors
     torch.manual_seed(cfg.ft.seed)
@@ -202,7 +206,7 @@ def build_catalog(zoo: Zoo | list[Anchor], splits: DataSplits, catalog: Catalog,
             kept = [_cotrained_point(a, b, p, st, splits, m, candidates)
                     for p, st in sorted(zoo.stitches.items()) if (p.front, p.back) == (fa, fb)]
         else:
-            kept = _ranked_points(a, b, splits, cfg, m, candidates)
+            kept = _ranked_points(a, b, splits, cfg, m, candidates, device)
         for h, info in kept:
             big = costs[fa]["flops"] >= costs[fb]["flops"]
             info.update(joint=f"{_kind(a.segments)}→{_kind(b.segments)}",
@@ -247,7 +251,8 @@ def build_catalog(zoo: Zoo | list[Anchor], splits: DataSplits, catalog: Catalog,
         for (h, _), e in zip(hybrids, entries[len(anchors):]):
             if e.name not in chosen:
                 continue
-            res = finetune_stitch(h, splits, cfg.ft, cache=cache, teacher=teacher, progress=progress)
+            res = finetune_stitch(h, splits, cfg.ft, cache=cache, teacher=teacher,
+                                  progress=progress, device=device)
             e.val_acc, e.test_acc, e.stitch_state = res.val_acc, evaluate(h, splits.test), "finetuned"
             e.finetune_seconds = res.seconds
             log.info("fine-tuned %s: val %.4f -> %.4f in %.1f s", e.name, e.init_val_acc,
@@ -268,7 +273,8 @@ def build_catalog(zoo: Zoo | list[Anchor], splits: DataSplits, catalog: Catalog,
         "data": splits.fingerprint, "dataset": data,
         "build": {"top_k": cfg.top_k, "screen": cfg.screen, "finetune": cfg.finetune,
                   "stitch_hidden": cfg.stitch_hidden, "rank_steps": cfg.rank_steps,
-                  "anchors": "stitch-aware" if zoo.stitches else "apart"},
+                  "anchors": "stitch-aware" if zoo.stitches else "apart",
+                  "device": torch.device(device).type},
         "anchor_training": zoo.info,
         "candidates": candidates, "cka": cka_maps,
         "spearman_cka_vs_ls_acc": spearman([c["cka"] for c in candidates],

@@ -161,12 +161,14 @@ def _tail(segments: list[Segment], j: int, x: torch.Tensor, learns: bool = True)
 
 
 def cotrain(segments: dict[str, list[Segment]], splits: DataSplits, cfgs: dict[str, TrainConfig],
-            sa: StitchAware, points: list[Point], progress: Progress | None = None) -> CoTrained:
+            sa: StitchAware, points: list[Point], progress: Progress | None = None,
+            device: torch.device | str = "cpu") -> CoTrained:
     """Train every anchor (given as its segments) from its current weights in one loop:
     each step, every anchor's cross-entropy on the same augmented batch, plus `sa.weight`
     times the loss of `sa.hybrids_per_step` sampled stitched hybrids (cross-entropy mixed with
     distillation from the teacher anchor). `cfgs` holds each anchor's optimiser settings;
-    they share one budget (epochs, n_train, batch size, augmentation, seed)."""
+    they share one budget (epochs, n_train, batch size, augmentation, seed). Trains on
+    `device`; anchors and stitches are back on the CPU when it returns."""
     if not points:
         raise ValueError("stitch-aware training needs at least one stitch point; the zoo's "
                          "anchors offer none (are their grids more than 2x apart?)")
@@ -179,7 +181,8 @@ def cotrain(segments: dict[str, list[Segment]], splits: DataSplits, cfgs: dict[s
     torch.manual_seed(budget.seed)
     stitches = nn.ModuleDict({p.key: s for p, s in
                               make_stitches(segments, points, splits.calib.x).items()})
-    models = {n: nn.Sequential(*segments[n]) for n in names}
+    models = {n: nn.Sequential(*segments[n]).to(device) for n in names}
+    stitches.to(device)
     groups = [{"params": list(models[n].parameters()), "lr": cfgs[n].lr,
                "weight_decay": cfgs[n].weight_decay} for n in names]
     groups.append({"params": list(stitches.parameters()), "lr": budget.lr, "weight_decay": 0.0})
@@ -197,8 +200,8 @@ def cotrain(segments: dict[str, list[Segment]], splits: DataSplits, cfgs: dict[s
         for m in (*models.values(), stitches):
             m.train()
         for x, y in train.batches(budget.batch_size, shuffle=True, seed=budget.seed + epoch):
-            xa = augment(x, g, budget.augment)
-            bounds, loss = {}, torch.zeros(())
+            xa, y = augment(x, g, budget.augment).to(device), y.to(device)
+            bounds, loss = {}, torch.zeros((), device=device)
             for n in names:
                 h, bounds[n] = xa, []
                 for s in segments[n]:
@@ -224,5 +227,7 @@ def cotrain(segments: dict[str, list[Segment]], splits: DataSplits, cfgs: dict[s
     stitch_map = {p: stitches[p.key] for p in points}
     stitch_acc = {p: evaluate(Hybrid(segments[p.front], p.i, s, segments[p.back], p.j),
                               splits.val) for p, s in stitch_map.items()}
+    for m in (*models.values(), stitches):
+        m.to("cpu")
     return CoTrained(stitch_map, {n: history[n][-1] for n in names}, stitch_acc,
                      time.perf_counter() - t0, history)

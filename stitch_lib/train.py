@@ -4,6 +4,8 @@ Stitch-only fine-tuning trains the stitch's parameters and nothing else; the anc
 frozen AND in eval mode, so their weights and BatchNorm statistics stay bit-identical. Since the
 frozen front is deterministic, its outputs on the training data are computed once and reused
 across epochs (and across every stitch with the same cut, through `FrontCache`).
+Every loop trains on the CPU unless given a `device` (`resolve_device`: "cpu", "cuda" or
+"auto"); models go back to the CPU when it ends, and data is moved a batch at a time.
 """
 from __future__ import annotations
 
@@ -23,6 +25,25 @@ from .stitch import Hybrid
 
 log = logging.getLogger(__name__)
 AUGMENTS = ("shift-flip", "shift", "none")
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for "cpu", "cuda" or "auto" (CUDA when this torch sees a GPU, else the
+    CPU); ValueError, saying what to pass instead, for CUDA without a GPU or another name."""
+    if name not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {name!r}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda': this torch sees no CUDA GPU "
+                         "(torch.cuda.is_available() is False); use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """Where `module`'s parameters are (the CPU for a module without any)."""
+    return next(module.parameters(), torch.empty(0)).device
 
 
 @dataclass(frozen=True)
@@ -61,9 +82,11 @@ class TrainResult:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, batch_size: int = 512) -> float:
-    """Top-1 accuracy of `model` on `split`; leaves the model in eval mode."""
+    """Top-1 accuracy of `model` on `split` (run where the model is); leaves it in eval mode."""
     model.eval()
-    correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in split.batches(batch_size))
+    dev = device_of(model)
+    correct = sum(int((model(x.to(dev)).argmax(1).cpu() == y.cpu()).sum())
+                  for x, y in split.batches(batch_size))
     return correct / len(split)
 
 
@@ -113,9 +136,12 @@ def _step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched, progress: Progr
 
 
 def train_anchor(model: nn.Module, splits: DataSplits, cfg: TrainConfig,
-                 progress: Progress | None = None, label: str = "anchor") -> TrainResult:
-    """Train a whole model from scratch (cross-entropy, AdamW, cosine schedule)."""
+                 progress: Progress | None = None, label: str = "anchor",
+                 device: torch.device | str = "cpu") -> TrainResult:
+    """Train a whole model from scratch (cross-entropy, AdamW, cosine schedule) on `device`;
+    the model is back on the CPU when it returns."""
     torch.manual_seed(cfg.seed)
+    model.to(device)
     train = _subset(splits.train, cfg.n_train, cfg.seed)
     steps = cfg.epochs * math.ceil(len(train) / cfg.batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -126,32 +152,51 @@ def train_anchor(model: nn.Module, splits: DataSplits, cfg: TrainConfig,
     for epoch in range(cfg.epochs):
         model.train()
         for x, y in train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed + epoch):
-            loss = F.cross_entropy(model(augment(x, g, cfg.augment)), y, label_smoothing=0.1)
+            x, y = augment(x, g, cfg.augment).to(device), y.to(device)
+            loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
             _step(loss, opt, sched, progress, task)
         history.append(evaluate(model, splits.val))
         log.info("%s epoch %d: val acc %.4f", label, epoch + 1, history[-1])
-    model.eval()
+    model.to("cpu").eval()
     return TrainResult(history[-1], cfg.epochs, time.perf_counter() - t0, history)
 
 
 class FrontCache:
-    """Outputs of frozen fronts on a split, keyed by (front name, cut, split name)."""
+    """Outputs of frozen fronts on a split, keyed by (front name, cut, device, split name),
+    kept on the device the front ran on."""
 
     def __init__(self) -> None:
         self._store: dict[tuple, torch.Tensor] = {}
 
     @torch.no_grad()
     def get(self, hybrid: Hybrid, split: Split, split_key: tuple, batch_size: int = 512) -> torch.Tensor:
-        key = (hybrid.front_name, hybrid.i, *split_key)
+        dev = device_of(hybrid.front)
+        key = (hybrid.front_name, hybrid.i, str(dev), *split_key)
         if key not in self._store:
             hybrid.front.eval()
-            self._store[key] = torch.cat([hybrid.front(x) for x, _ in split.batches(batch_size)])
+            self._store[key] = torch.cat([hybrid.front(x.to(dev))
+                                          for x, _ in split.batches(batch_size)])
         return self._store[key]
 
 
 def _fit(hybrid: Hybrid, splits: DataSplits, cfg: TrainConfig, scope: str,
          cache: FrontCache | None, teacher: nn.Module | None,
-         progress: Progress | None) -> TrainResult:
+         progress: Progress | None, device: torch.device | str) -> TrainResult:
+    """`_train` on `device`, the hybrid (with the anchors' segments it shares) and the teacher
+    back on the CPU afterwards, whatever happens."""
+    models = [m for m in (hybrid, teacher) if m is not None]
+    for m in models:
+        m.to(device)
+    try:
+        return _train(hybrid, splits, cfg, scope, cache, teacher, progress, torch.device(device))
+    finally:
+        for m in models:
+            m.to("cpu")
+
+
+def _train(hybrid: Hybrid, splits: DataSplits, cfg: TrainConfig, scope: str,
+           cache: FrontCache | None, teacher: nn.Module | None,
+           progress: Progress | None, device: torch.device) -> TrainResult:
     torch.manual_seed(cfg.seed)
     train = _subset(splits.train, cfg.n_train, cfg.seed)
     stitch_only = scope == "stitch"
@@ -163,21 +208,21 @@ def _fit(hybrid: Hybrid, splits: DataSplits, cfg: TrainConfig, scope: str,
         val_in = cache.get(hybrid, splits.val, ("val",))
         params = list(hybrid.stitch.parameters())
     else:
-        head, train_in, val_in = hybrid, train.x, splits.val.x
+        head, train_in, val_in = hybrid, train.x.to(device), splits.val.x.to(device)
         hybrid.freeze_anchors(False)
         params = list(hybrid.parameters())
     t_logits = None
     if teacher is not None and cfg.distill > 0:
         teacher.eval()
         with torch.no_grad():
-            t_logits = torch.cat([teacher(x) for x, _ in train.batches(512)])
+            t_logits = torch.cat([teacher(x.to(device)) for x, _ in train.batches(512)])
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0 if stitch_only else cfg.weight_decay)
     per_epoch = math.ceil(len(train) / cfg.batch_size)
     steps = cfg.steps or cfg.epochs * per_epoch
     eval_every = per_epoch if cfg.steps is None else max(1, min(per_epoch, steps // 4))
     sched = _cosine(opt, steps, warmup=max(1, steps // 50))
     task = progress.add_task(f"fine-tune {scope}: {hybrid.name}", total=steps) if progress else None
-    val = Split(val_in, splits.val.y)
+    val, train_y = Split(val_in, splits.val.y), train.y.to(device)
     t0 = time.perf_counter()
     trained = hybrid.stitch if stitch_only else hybrid
     best, best_state, history, stale = evaluate(head, val), copy.deepcopy(trained.state_dict()), [], 0
@@ -187,9 +232,9 @@ def _fit(hybrid: Hybrid, splits: DataSplits, cfg: TrainConfig, scope: str,
         epoch += 1
         for k in range(0, len(order), cfg.batch_size):
             head.train(not stitch_only)
-            idx = order[k: k + cfg.batch_size]
+            idx = order[k: k + cfg.batch_size].to(device)
             logits = head(train_in[idx])
-            loss = F.cross_entropy(logits, train.y[idx])
+            loss = F.cross_entropy(logits, train_y[idx])
             if t_logits is not None:
                 loss = (1 - cfg.distill) * loss + cfg.distill * distill_loss(logits, t_logits[idx])
             _step(loss, opt, sched, progress, task)
@@ -213,17 +258,19 @@ def _fit(hybrid: Hybrid, splits: DataSplits, cfg: TrainConfig, scope: str,
 
 def finetune_stitch(hybrid: Hybrid, splits: DataSplits, cfg: TrainConfig = TrainConfig(lr=1e-3),
                     *, cache: FrontCache | None = None, teacher: nn.Module | None = None,
-                    progress: Progress | None = None) -> TrainResult:
+                    progress: Progress | None = None,
+                    device: torch.device | str = "cpu") -> TrainResult:
     """Train only the stitch of `hybrid`, keeping the state with the best validation
     accuracy — the starting one included — with early stopping after `cfg.patience` epochs
     without gain. The anchors stay
     frozen and in eval mode; `teacher` (e.g. the front anchor) adds distillation when
-    `cfg.distill > 0`."""
-    return _fit(hybrid, splits, cfg, "stitch", cache, teacher, progress)
+    `cfg.distill > 0`. Trains on `device`; everything is back on the CPU afterwards."""
+    return _fit(hybrid, splits, cfg, "stitch", cache, teacher, progress, device)
 
 
 def finetune_full(hybrid: Hybrid, splits: DataSplits, cfg: TrainConfig = TrainConfig(lr=3e-4),
-                  *, progress: Progress | None = None) -> TrainResult:
+                  *, progress: Progress | None = None,
+                  device: torch.device | str = "cpu") -> TrainResult:
     """Fine-tune every parameter of `hybrid` (changes the anchors' shared segments: pass a
     deep copy). The baseline that stitch-only fine-tuning is measured against."""
-    return _fit(hybrid, splits, cfg, "all", None, None, progress)
+    return _fit(hybrid, splits, cfg, "all", None, None, progress, device)

@@ -167,20 +167,25 @@ def create(spec: AnchorSpec, splits: DataSplits) -> nn.Module:
         return from_recipe(recipe(spec, splits)).train()
 
 
-def _provenance(specs: list[AnchorSpec]) -> dict[str, Any]:
+def _provenance(specs: list[AnchorSpec], device: torch.device | str = "cpu") -> dict[str, Any]:
     """What else decides trained weights: library versions, CPU threads (they change the
-    order of float sums), the content of every checkpoint started from, and how initial
-    weights are drawn (`INIT`)."""
+    order of float sums), the content of every checkpoint started from, how initial
+    weights are drawn (`INIT`), and the device unless it is the CPU (a GPU's kernels sum in
+    another order; CPU keys stay as they were before devices)."""
     ckpts = {s.name: hashlib.sha256(Path(s.checkpoint).read_bytes()).hexdigest()
              for s in specs if s.checkpoint}
-    return {"timm": timm.__version__, "torch": torch.__version__,
+    prov = {"timm": timm.__version__, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "checkpoints": ckpts, "init": INIT}
+    kind = torch.device(device).type
+    if kind != "cpu":
+        prov["device"] = f"{kind}:{torch.cuda.get_device_name(device)}" if kind == "cuda" else kind
+    return prov
 
 
-def cache_key(spec: AnchorSpec, splits: DataSplits) -> str:
+def cache_key(spec: AnchorSpec, splits: DataSplits, device: torch.device | str = "cpu") -> str:
     """Content hash of everything that determines a trained anchor's weights."""
     blob = json.dumps({"spec": asdict(spec), "data": splits.fingerprint,
-                       **_provenance([spec])}, sort_keys=True, default=str)
+                       **_provenance([spec], device)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -189,23 +194,24 @@ def _state(model: nn.Module) -> bytes:
 
 
 def load_anchor(spec: AnchorSpec, splits: DataSplits, cache_dir: Path,
-                progress: Progress | None = None) -> Anchor:
+                progress: Progress | None = None, device: torch.device | str = "cpu") -> Anchor:
     """The anchor trained apart: from its checkpoint (frozen as given), from the cache, or
-    trained now and cached."""
+    trained now on `device` and cached."""
     model = create(spec, splits)
     if spec.checkpoint:
         r = recipe(spec, splits)
         return Anchor(spec, model.eval(), split_model(model, r), evaluate(model, splits.val),
                       0.0, r, "checkpoint")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    stem = cache_dir / f"{spec.name}-{cache_key(spec, splits)}"
+    stem = cache_dir / f"{spec.name}-{cache_key(spec, splits, device)}"
     weights, meta = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
     if weights.is_file() and meta.is_file():
         model.load_state_dict(load_file(weights))
         info = json.loads(meta.read_text())
         log.info("anchor %s: reused %s", spec.name, weights)
     else:
-        result = train_anchor(model, splits, spec.train, progress, label=spec.name)
+        result = train_anchor(model, splits, spec.train, progress, label=spec.name,
+                              device=device)
         blob = _state(model)
         atomic_write(weights, blob)
         info = {"val_acc": result.val_acc, "train_seconds": result.seconds,
@@ -217,15 +223,15 @@ def load_anchor(spec: AnchorSpec, splits: DataSplits, cache_dir: Path,
 
 
 def _stitch_aware(zoo: ZooSpec, splits: DataSplits, cache_dir: Path,
-                  progress: Progress | None) -> Zoo:
+                  progress: Progress | None, device: torch.device | str) -> Zoo:
     """Every anchor trained together with stitches (see `cotrain`), or reused from the cache
     when the same zoo was trained on the same data before."""
     specs = list(zoo.anchors)
     models = {s.name: create(s, splits).eval() for s in specs}  # cotrain sets train mode
     segments = {s.name: split_model(models[s.name], recipe(s, splits)) for s in specs}
     points = plan_points({n: Layout.of(segs, splits.calib.x) for n, segs in segments.items()})
-    blob = json.dumps({"zoo": asdict(zoo), "data": splits.fingerprint, **_provenance(specs)},
-                      sort_keys=True, default=str)
+    blob = json.dumps({"zoo": asdict(zoo), "data": splits.fingerprint,
+                       **_provenance(specs, device)}, sort_keys=True, default=str)
     root = cache_dir / f"stitch-aware-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
     meta = root / "meta.json"
     if meta.is_file():
@@ -240,7 +246,7 @@ def _stitch_aware(zoo: ZooSpec, splits: DataSplits, cache_dir: Path,
         log.info("stitch-aware zoo: reused %s", root)
     else:
         res = cotrain(segments, splits, {s.name: s.train for s in specs}, zoo.stitch_aware,
-                      points, progress)
+                      points, progress, device)
         stitches = res.stitches
         sums = {}
         for n, m in models.items():
@@ -252,7 +258,7 @@ def _stitch_aware(zoo: ZooSpec, splits: DataSplits, cache_dir: Path,
              for k, v in st.state_dict().items()}))
         info = {"val_acc": res.val_acc, "seconds": res.seconds, "history": res.history,
                 "stitch_val_acc": {p.key: a for p, a in res.stitch_val_acc.items()},
-                "weights_sha256": sums, "provenance": _provenance(specs)}
+                "weights_sha256": sums, "provenance": _provenance(specs, device)}
         atomic_write(meta, json.dumps(info, indent=1).encode())
     anchors = [Anchor(s, models[s.name].eval(), segments[s.name], info["val_acc"][s.name],
                       info["seconds"], recipe(s, splits), "stitch-aware") for s in specs]
@@ -260,8 +266,9 @@ def _stitch_aware(zoo: ZooSpec, splits: DataSplits, cache_dir: Path,
 
 
 def build_zoo(zoo: ZooSpec, splits: DataSplits, cache_dir: Path,
-              progress: Progress | None = None) -> Zoo:
-    """Every anchor of the zoo, ready and in eval mode, with its co-trained stitches."""
+              progress: Progress | None = None, device: torch.device | str = "cpu") -> Zoo:
+    """Every anchor of the zoo, ready, on the CPU and in eval mode, with its co-trained
+    stitches; anchors not in the cache train on `device`."""
     if zoo.stitch_aware is not None:
-        return _stitch_aware(zoo, splits, cache_dir, progress)
-    return Zoo([load_anchor(a, splits, cache_dir, progress) for a in zoo.anchors])
+        return _stitch_aware(zoo, splits, cache_dir, progress, device)
+    return Zoo([load_anchor(a, splits, cache_dir, progress, device) for a in zoo.anchors])

@@ -9,7 +9,8 @@ from stitch_lib import Catalog, Entry, pareto
 from stitch_lib.assemble import anchor_segments
 from stitch_lib.build import BuildConfig, load_hybrid, to_finetune
 from stitch_lib.train import TrainConfig, evaluate
-from stitch_lib.zoo import AnchorSpec, ZooSpec, build_zoo, create, load_anchor
+from stitch_lib.zoo import (AnchorSpec, ZooSpec, _provenance, build_zoo, cache_key, create,
+                            load_anchor)
 
 QUICK = {"epochs": 1, "batch_size": 64, "lr": 3e-3}
 TINY_ZOO = {
@@ -144,6 +145,15 @@ def test_an_anchor_trains_to_the_same_weights_whatever_ran_before(splits, tmp_pa
         a = load_anchor(spec, splits, tmp_path / str(before))
         weights.append(a.model.state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_a_gpu_trained_anchor_has_a_key_of_its_own(splits):
+    """Weights trained on another device differ (kernels sum in another order), so the device
+    is in the key; CPU keys are unchanged by it ("meta" stands in for a GPU here)."""
+    spec = AnchorSpec(name="r", model="test_resnet", train=TrainConfig(**QUICK))
+    assert cache_key(spec, splits) == cache_key(spec, splits, "cpu")
+    assert "device" not in _provenance([spec])
+    assert cache_key(spec, splits, torch.device("meta")) != cache_key(spec, splits)
 
 
 def test_zoo_spec_errors_name_the_key():

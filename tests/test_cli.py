@@ -47,6 +47,17 @@ def test_bad_zoo_file_names_the_key(tmp_path):
         main(["catalog", "build", "--zoo", str(zoo), "--home", str(tmp_path)])
 
 
+def test_a_build_asked_for_a_missing_gpu_stops_before_training(tmp_path, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    zoo = tmp_path / "zoo.yaml"
+    zoo.write_text(yaml.safe_dump(TINY))
+    with pytest.raises(SystemExit, match="--device: device 'cuda': this torch sees no CUDA GPU"):
+        main(["catalog", "build", "--device", "cuda", "--zoo", str(zoo),
+              "--home", str(tmp_path / "home")])
+    assert not (tmp_path / "home").exists()
+
+
 def test_dispatcher_usage():
     r = subprocess.run([sys.executable, "-m", "restnet.cli", "nope"], capture_output=True,
                        text=True)

@@ -1,10 +1,11 @@
 import copy
 
+import pytest
 import torch
 
 from conftest import tiny
 from stitch_lib import TrainConfig, build_hybrid, finetune_stitch, split_model
-from stitch_lib.train import evaluate, finetune_full, train_anchor
+from stitch_lib.train import evaluate, finetune_full, resolve_device, train_anchor
 
 
 def anchors_state(hybrid):
@@ -54,3 +55,15 @@ def test_train_anchor_learns(splits):
     res = train_anchor(model, splits, TrainConfig(epochs=3, batch_size=32, lr=3e-3))
     assert res.val_acc > max(0.4, chance + 0.2)  # Fashion-MNIST: 10 classes, chance 0.1
     assert not model.training
+
+
+def test_devices_resolve_or_say_what_to_pass(monkeypatch):
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="no CUDA GPU.*use 'cpu' or 'auto'"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match=r"one of \('cpu', 'cuda', 'auto'\), got 'gpu'"):
+        resolve_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
