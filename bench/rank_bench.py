@@ -1,6 +1,6 @@
 """Which ranking predicts a stitch's fine-tuned accuracy? Measured on a built catalog.
 
-    python bench/rank_bench.py [--home .restnet] [--zoo zoo.yaml] [--steps 50,150]
+    python bench/rank_bench.py [--home .restnet] [--zoo zoo.yaml] [--steps 150,300]
 
 For every ordered anchor pair, the catalog build's CKA screen is re-run (the same `screen`
 points); each point is fitted by least squares and then fine-tuned, stitch only, for each of
@@ -100,33 +100,42 @@ def extrapolate(a: float, b: float, s_a: int, s_b: int, s_to: int) -> float:
     return b + (b - a) * math.log(s_to / s_b) / math.log(s_b / s_a)
 
 
+def loo_range(a: list[float], b: list[float]) -> str:
+    """The Spearman's range over every leave-one-point-out subset: how much one point moves it."""
+    rhos = [spearman(a[:k] + a[k + 1:], b[:k] + b[k + 1:]) for k in range(len(a))]
+    return f"{min(rhos):.2f} – {max(rhos):.2f}"
+
+
 def report(rows: list[dict], steps: list[int], build: dict) -> list[str]:
     tuned = [r for r in rows if r["final_test"] is not None]
     y = [r["final_test"] for r in tuned]
+
+    def rho(x: list[float]) -> str:
+        return f"{spearman(x, y):.2f} | {loo_range(x, y)}"
     ranked_by = "least-squares start" if not build.get("rank_steps") else \
         f"{build['rank_steps']} fine-tuning steps"
     out = [f"`{command_line()}`", "",
            f"Catalog ranked by its {ranked_by}; {len(rows)} screened points, {len(tuned)} of "
            "them fine-tuned into the catalog (the Spearman is over those).", "",
-           "| ranking signal | Spearman vs final test acc | price (s, every screened point) |",
-           "|---|---|---|",
-           f"| CKA | {spearman([r['cka'] for r in tuned], y):.2f} | — |",
-           f"| least-squares val acc (the default) | "
-           f"{spearman([r['ls_val'] for r in tuned], y):.2f} | — |"]
+           "| ranking signal | Spearman vs final test acc | leaving one point out | price (s, "
+           "every screened point) |",
+           "|---|---|---|---|",
+           f"| CKA | {rho([r['cka'] for r in tuned])} | — |",
+           f"| least-squares val acc (the default) | {rho([r['ls_val'] for r in tuned])} | — |"]
     for s in steps:
         price = f"{sum(r[f's{s}'] for r in rows):.0f}"
-        out.append(f"| val acc after {s} fine-tuning steps | "
-                   f"{spearman([r[s] for r in tuned], y):.2f} | {price} |")
+        out.append(f"| val acc after {s} fine-tuning steps | {rho([r[s] for r in tuned])} | "
+                   f"{price} |")
         out.append(f"| val cross-entropy after {s} steps (lower ranks higher) | "
-                   f"{spearman([-r[f'nll{s}'] for r in tuned], y):.2f} | {price} |")
+                   f"{rho([-r[f'nll{s}'] for r in tuned])} | {price} |")
     if len(steps) >= 2:  # the two longest, extrapolated to the build's length
         s_a, s_b, s_to = steps[-2], steps[-1], BuildConfig().ft.steps
         price = f"{sum(r[f's{s_a}'] + r[f's{s_b}'] for r in rows):.0f}"
-        rho = spearman([extrapolate(r[s_a], r[s_b], s_a, s_b, s_to) for r in tuned], y)
+        curve = [extrapolate(r[s_a], r[s_b], s_a, s_b, s_to) for r in tuned]
         out.append(f"| val acc after {s_a} and {s_b} steps, extrapolated to {s_to} "
-                   f"(log-linear) | {rho:.2f} | {price} |")
+                   f"(log-linear) | {rho(curve)} | {price} |")
     out.append(f"| final val acc (the ceiling, not a ranking) | "
-               f"{spearman([r['final_val'] for r in tuned], y):.2f} | — |")
+               f"{rho([r['final_val'] for r in tuned])} | — |")
     ft = sum(r["ft_seconds"] or 0.0 for r in tuned)
     out += ["", f"The build's fine-tuning of the {len(tuned)} kept points took {ft:.0f} s."]
     return out
@@ -136,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--home", type=Path, default=ROOT / ".restnet")
     p.add_argument("--zoo", type=Path, default=ROOT / "zoo.yaml")
-    p.add_argument("--steps", default="50,150", help="short fine-tuning lengths, comma-separated")
+    p.add_argument("--steps", default="150,300", help="short fine-tuning lengths, comma-separated")
     p.add_argument("--no-write", dest="write", action="store_false")
     p.add_argument("--rows", type=Path, help="also write every screened point's figures here "
                    "(JSON)")
@@ -146,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     steps = sorted({int(s) for s in args.steps.split(",")})
     if not steps or steps[0] < 1:
-        raise SystemExit("rank_bench: --steps must be positive integers, e.g. 50,150")
+        raise SystemExit("rank_bench: --steps must be positive integers, e.g. 150,300")
     if not (args.home / "catalog" / "catalog.json").exists():
         raise SystemExit(f"rank_bench: no catalog under {args.home}; "
                          "run `restnet catalog build` first")
