@@ -138,6 +138,16 @@ def report(rows: list[dict], steps: list[int], build: dict) -> list[str]:
                f"{rho([r['final_val'] for r in tuned])} | — |")
     ft = sum(r["ft_seconds"] or 0.0 for r in tuned)
     out += ["", f"The build's fine-tuning of the {len(tuned)} kept points took {ft:.0f} s."]
+    top_k, longest = build.get("top_k", 2), steps[-1]
+    pairs = sorted({r["pair"] for r in rows})
+
+    def kept(pair: str, key) -> set[tuple[int, int]]:
+        return {(r["i"], r["j"]) for r in sorted((r for r in rows if r["pair"] == pair),
+                                                  key=lambda r: -r[key])[:top_k]}
+    moved = sum(kept(p, longest) != kept(p, "ls_val") for p in pairs)
+    out.append(f"Ranked by val acc after {longest} steps instead of the least-squares start, the "
+               f"build would keep a different top {top_k} in {moved} of the {len(pairs)} "
+               "anchor pairs (points this run did not fine-tune).")
     return out
 
 
