@@ -43,6 +43,7 @@ class Finetuner:
                         for name in (entry.front, entry.back)}
             hybrid = load_hybrid(entry, segments, self.catalog)
             res = finetune_stitch(hybrid, splits, self.cfg)
+            hybrid.stitch.round_to_wire()
             tensors = dict(hybrid.stitch.state_dict())
             return {"artifact": self.catalog.put_artifact(tensors),
                     "delta_bytes": len(pack_delta({k: v.numpy() for k, v in tensors.items()})),

@@ -253,12 +253,13 @@ def build_catalog(zoo: Zoo | list[Anchor], splits: DataSplits, catalog: Catalog,
                 continue
             res = finetune_stitch(h, splits, cfg.ft, cache=cache, teacher=teacher,
                                   progress=progress, device=device)
-            e.val_acc, e.test_acc, e.stitch_state = res.val_acc, evaluate(h, splits.test), "finetuned"
-            e.finetune_seconds = res.seconds
+            e.val_acc, e.stitch_state, e.finetune_seconds = res.val_acc, "finetuned", res.seconds
             log.info("fine-tuned %s: val %.4f -> %.4f in %.1f s", e.name, e.init_val_acc,
                      res.val_acc, res.seconds)
 
     for (h, _), e in zip(hybrids, entries[len(anchors):]):
+        h.stitch.round_to_wire()  # measured, stored and sized as a deployment carries it
+        e.test_acc = evaluate(h, splits.test)
         tensors = _stitch_tensors(h)
         e.artifact = catalog.put_artifact(tensors)
         e.delta_bytes = delta_size(tensors)

@@ -196,38 +196,40 @@ def cotrain(segments: dict[str, list[Segment]], splits: DataSplits, cfgs: dict[s
     task = progress.add_task(f"train {len(names)} anchors + {len(points)} stitches together",
                              total=steps) if progress else None
     t0, history = time.perf_counter(), {n: [] for n in names}
-    for epoch in range(budget.epochs):
-        for m in (*models.values(), stitches):
-            m.train()
-        for x, y in train.batches(budget.batch_size, shuffle=True, seed=budget.seed + epoch):
-            xa, y = augment(x, g, budget.augment).to(device), y.to(device)
-            bounds, loss = {}, torch.zeros((), device=device)
+    try:
+        for epoch in range(budget.epochs):
+            for m in (*models.values(), stitches):
+                m.train()
+            for x, y in train.batches(budget.batch_size, shuffle=True, seed=budget.seed + epoch):
+                xa, y = augment(x, g, budget.augment).to(device), y.to(device)
+                bounds, loss = {}, torch.zeros((), device=device)
+                for n in names:
+                    h, bounds[n] = xa, []
+                    for s in segments[n]:
+                        h = s(h)
+                        bounds[n].append(h)
+                    loss = loss + F.cross_entropy(h, y, label_smoothing=0.1)
+                target = bounds[teacher][-1].detach()
+                for k in torch.randint(len(points), (sa.hybrids_per_step,), generator=g).tolist():
+                    p = points[k]
+                    logits = _tail(segments[p.back], p.j, stitches[p.key](bounds[p.front][p.i]),
+                                   sa.back_learns)
+                    hybrid_loss = ((1 - sa.distill) * F.cross_entropy(logits, y)
+                                   + sa.distill * distill_loss(logits, target, sa.temperature))
+                    loss = loss + sa.weight * hybrid_loss / sa.hybrids_per_step
+                _step(loss, opt, sched, progress, task)
             for n in names:
-                h, bounds[n] = xa, []
-                for s in segments[n]:
-                    h = s(h)
-                    bounds[n].append(h)
-                loss = loss + F.cross_entropy(h, y, label_smoothing=0.1)
-            target = bounds[teacher][-1].detach()
-            for k in torch.randint(len(points), (sa.hybrids_per_step,), generator=g).tolist():
-                p = points[k]
-                logits = _tail(segments[p.back], p.j, stitches[p.key](bounds[p.front][p.i]),
-                               sa.back_learns)
-                hybrid_loss = ((1 - sa.distill) * F.cross_entropy(logits, y)
-                               + sa.distill * distill_loss(logits, target, sa.temperature))
-                loss = loss + sa.weight * hybrid_loss / sa.hybrids_per_step
-            _step(loss, opt, sched, progress, task)
-        for n in names:
-            history[n].append(evaluate(models[n], splits.val))
-        log.info("stitch-aware epoch %d: %s", epoch + 1,
-                 ", ".join(f"{n} {history[n][-1]:.4f}" for n in names))
-    for m in (*models.values(), stitches):
-        m.eval()
-        m.requires_grad_(False)
-    stitch_map = {p: stitches[p.key] for p in points}
-    stitch_acc = {p: evaluate(Hybrid(segments[p.front], p.i, s, segments[p.back], p.j),
-                              splits.val) for p, s in stitch_map.items()}
-    for m in (*models.values(), stitches):
-        m.to("cpu")
+                history[n].append(evaluate(models[n], splits.val))
+            log.info("stitch-aware epoch %d: %s", epoch + 1,
+                     ", ".join(f"{n} {history[n][-1]:.4f}" for n in names))
+        for m in (*models.values(), stitches):
+            m.eval()
+            m.requires_grad_(False)
+        stitch_map = {p: stitches[p.key] for p in points}
+        stitch_acc = {p: evaluate(Hybrid(segments[p.front], p.i, s, segments[p.back], p.j),
+                                  splits.val) for p, s in stitch_map.items()}
+    finally:  # on the CPU again, even when training fails
+        for m in (*models.values(), stitches):
+            m.to("cpu")
     return CoTrained(stitch_map, {n: history[n][-1] for n in names}, stitch_acc,
                      time.perf_counter() - t0, history)

@@ -105,6 +105,14 @@ class Stitch(nn.Module):
         cls = (self.summary(m, prefix) @ w.T).unsqueeze(1) + self.prefix_bias
         return torch.cat([cls, tokens], dim=1)
 
+    def round_to_wire(self) -> "Stitch":
+        """Round every tensor to fp16, the precision a deployment carries it in (the delta
+        encoding of docs/protocol.md §5.1), so that what is measured is what a device runs."""
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(p.half().float())
+        return self
+
     def extra_repr(self) -> str:
         return f"src={self.src}, dst={self.dst}, hidden={self.hidden}"
 

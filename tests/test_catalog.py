@@ -65,6 +65,23 @@ def test_hybrid_reloads_from_its_artifact(built, splits):
     assert h.segment_ids() == e.segments
 
 
+def test_a_hybrid_is_measured_as_the_wire_carries_it(built, splits):
+    """The stitch a device receives is fp16 (docs/protocol.md §5.1): the catalog stores,
+    sizes and evaluates exactly that stitch, not the fp32 one training left."""
+    from fleet_protocol.codec import pack_delta, sha256_hex, unpack_delta
+    _, cat = built
+    rebuilt = {a.name: anchor_segments(a, cat) for a in cat.anchors}
+    for e in cat.hybrids:
+        stored = cat.load_artifact(e.artifact)
+        blob = pack_delta({k: v.numpy() for k, v in stored.items()})
+        received = unpack_delta(blob, sha256_hex(blob), {k: v.shape for k, v in stored.items()})
+        assert all(torch.equal(torch.from_numpy(received[k]).float(), v)
+                   for k, v in stored.items())
+        h = load_hybrid(e, rebuilt, cat)
+        h.stitch.load_state_dict({k: torch.from_numpy(v).float() for k, v in received.items()})
+        assert evaluate(h, splits.test) == e.test_acc
+
+
 def test_ranking_by_a_short_finetune_keeps_the_best_at_their_start(built, splits, tmp_path):
     from stitch_lib.build import build_catalog
     anchors, _ = built

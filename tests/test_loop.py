@@ -140,7 +140,10 @@ def test_ls_hybrid_is_deployed_then_its_finetuned_stitch_follows(broker, catalog
         deps = ctl.store.deployments("rpi4-009")
         assert [d.hybrid for d in deps[:2]] == [target.id, target.id]
         assert "fine-tuned" in deps[1].reason
-        assert Catalog.load(catalog.root).get(target.id).stitch_state == "finetuned"
+        tuned = Catalog.load(catalog.root)
+        assert tuned.get(target.id).stitch_state == "finetuned"
+        stitch = tuned.load_artifact(tuned.get(target.id).artifact)  # as the wire carries it
+        assert all(torch.equal(v.half().float(), v) for v in stitch.values())
         assert agent.slot.get().desired.stitch.sha256 != agent.slot.previous.desired.stitch.sha256
     finally:
         lp.close()
