@@ -34,5 +34,6 @@ bench: setup
 	$(PY) bench/stitch_bench.py
 	$(VENV)/bin/restnet catalog build
 	$(PY) bench/rank_bench.py
+	$(PY) bench/delta_bench.py
 	$(PY) bench/fleet_bench.py --sizes 100,500,1000
 	$(PY) bench/fault_bench.py --devices 200

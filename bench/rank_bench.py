@@ -10,7 +10,7 @@ least-squares validation accuracy, the validation accuracy and cross-entropy aft
 fine-tuning, and the accuracy extrapolated from the two longest to the build's length (a line
 in log steps); also of the final validation accuracy (the ceiling any validation-split ranking
 can reach here). `--rows FILE` keeps every screened point's figures; `--from-rows FILE`
-reports them again without measuring.
+reports them again without measuring, against the final figures the catalog holds now.
 The seconds the short fine-tunings of every screened point took are the ranking's price, beside
 what the build spent fine-tuning. Writes its block into docs/results.md (target: Spearman ≥ 0.9).
 """
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchlib import ROOT, command_line, write_block  # noqa: E402
 from restnet.stitch_cmd import load_zoo  # noqa: E402
 from stitch_lib.build import BuildConfig, spearman  # noqa: E402
-from stitch_lib.catalog import Catalog  # noqa: E402
+from stitch_lib.catalog import Catalog, Entry  # noqa: E402
 from stitch_lib.cka import cka_matrix  # noqa: E402
 from stitch_lib.data import make_splits  # noqa: E402
 from stitch_lib.stitch import build_hybrid, feasible_points  # noqa: E402
@@ -41,6 +41,17 @@ from stitch_lib.train import FrontCache, evaluate, finetune_stitch  # noqa: E402
 from stitch_lib.zoo import build_zoo  # noqa: E402
 
 log = logging.getLogger("rank_bench")
+
+
+def finals(cat: Catalog) -> dict[tuple, Entry]:
+    """The catalog's fine-tuned hybrids by (front, back, i, j)."""
+    return {(e.front, e.back, e.i, e.j): e for e in cat.hybrids if e.stitch_state == "finetuned"}
+
+
+def final_of(e: Entry | None) -> dict:
+    """A row's final figures: those of the catalog's hybrid at its point, if it was kept."""
+    return dict(final_test=e.test_acc if e else None, final_val=e.val_acc if e else None,
+                ft_seconds=e.finetune_seconds if e else None)
 
 
 def measure(home: Path, zoo_path: Path, steps: list[int]) -> tuple[list[dict], Catalog, dict]:
@@ -54,7 +65,7 @@ def measure(home: Path, zoo_path: Path, steps: list[int]) -> tuple[list[dict], C
     build = cat.meta.get("build", {})
     screen, hidden = build.get("screen", 6), build.get("stitch_hidden", 64)
     ft = BuildConfig().ft  # the build's (and the CLI's) fine-tuning settings
-    final = {(e.front, e.back, e.i, e.j): e for e in cat.hybrids if e.stitch_state == "finetuned"}
+    final = finals(cat)
     names = {e.front for e in cat.hybrids} | {e.back for e in cat.hybrids}
     rows = []
     for a in zoo.anchors:
@@ -77,10 +88,7 @@ def measure(home: Path, zoo_path: Path, steps: list[int]) -> tuple[list[dict], C
                                              cache=cache).val_acc
                     row[f"s{s}"] = time.perf_counter() - t0
                     row[f"nll{s}"] = val_nll(h, splits.val)
-                e = final.get((a.spec.name, b.spec.name, i, j))
-                row.update(final_test=e.test_acc if e else None,
-                           final_val=e.val_acc if e else None,
-                           ft_seconds=e.finetune_seconds if e else None)
+                row.update(final_of(final.get((a.spec.name, b.spec.name, i, j))))
                 log.info("%s (%d, %d): %s", row["pair"], i, j, row)
                 rows.append(row)
     return rows, cat, build
@@ -160,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=Path, help="also write every screened point's figures here "
                    "(JSON)")
     p.add_argument("--from-rows", type=Path, help="measure nothing: report the figures an "
-                   "earlier run wrote with --rows (the same --steps)")
+                   "earlier run wrote with --rows (the same --steps) against the catalog's "
+                   "final figures")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     steps = sorted({int(s) for s in args.steps.split(",")})
@@ -170,9 +179,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"rank_bench: no catalog under {args.home}; "
                          "run `restnet catalog build` first")
     if args.from_rows:  # report what an earlier run measured (its --rows file)
+        cat = Catalog.load(args.home / "catalog")
+        final = finals(cat)
         rows = [{(int(k) if k.isdigit() else k): v for k, v in r.items()}
                 for r in json.loads(args.from_rows.read_text())]
-        build = Catalog.load(args.home / "catalog").meta.get("build", {})
+        for r in rows:  # the final figures are the catalog's own, as it is now
+            front, back = r["pair"].split("→")
+            r.update(final_of(final.get((front, back, r["i"], r["j"]))))
+        build = cat.meta.get("build", {})
     else:
         rows, _, build = measure(args.home, args.zoo, steps)
     if args.rows:
