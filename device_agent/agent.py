@@ -150,17 +150,22 @@ class Agent:
 
     def __init__(self, cfg: AgentConfig, resources: Resources, host: ClientHost,
                  registry: SegmentRegistry | None = None, clock=time.time,
-                 worker: Worker | None = None) -> None:
+                 worker: Worker | None = None, monotonic=time.monotonic) -> None:
         """`worker` runs the deployment work: by default a thread of its own (a board); the
-        simulator passes an `InlineWorker` to keep a thousand agents on one thread."""
+        simulator passes an `InlineWorker` to keep a thousand agents on one thread. `clock`
+        stamps messages (wall time, as the controller reads it); `monotonic` times everything
+        the board measures itself (latency window, request rate, fetch retries, canary window),
+        so a wall clock that jumps — a board without a real-time clock, set by NTP after boot —
+        changes none of them."""
         cfg.tags = _checked_tags(cfg.tags)
         self.cfg, self.resources, self.host, self.clock = cfg, resources, host, clock
+        self.monotonic = monotonic
         self.t = cfg.topics
         self.cache = SegmentCache(cfg.cache_dir)
         self.registry = registry or SegmentRegistry()
         self.slot = ModelSlot()
         self.latency = LatencyWindow(
-            max_age_s=LATENCY_WINDOW_PERIODS * cfg.telemetry_period, clock=clock)
+            max_age_s=LATENCY_WINDOW_PERIODS * cfg.telemetry_period, clock=monotonic)
         self.prom = AgentMetrics(self._tallies)
         self.serving = Serving(self.slot, self.latency, cfg.max_queue,
                                observe=self.prom.latency_ms.observe)
@@ -169,7 +174,7 @@ class Agent:
         self.session = time.time_ns()
         self.seq = 0
         self._reported = 0  # latency samples already reported
-        self._served = (0, 0, clock())  # (requests, errors, clock) at the previous telemetry
+        self._served = (0, 0, monotonic())  # (requests, errors, when) at the last telemetry
         self.applied = 0  # generation running (or last refused): older desired states are ignored
         self.pending: Desired | None = None
         self.fetching: dict[str, _Fetch] = {}
@@ -314,7 +319,7 @@ class Agent:
         return probe
 
     def _tick(self) -> None:
-        now = self.clock()
+        now = self.monotonic()
         self._judge_canary(now)
         cur = self.slot.get()
         requests, errors = self.serving.requests, self.serving.errors
@@ -327,7 +332,7 @@ class Agent:
         self.seq += 1
         samples, self._reported = self.latency.count - self._reported, self.latency.count
         self._publish(self.t.telemetry(self.cfg.device_id), Telemetry(
-            seq=self.seq, ts=now, lat_p50_ms=self.latency.percentile(50),
+            seq=self.seq, ts=self.clock(), lat_p50_ms=self.latency.percentile(50),
             lat_p95_ms=self.latency.percentile(95), inferences=samples, requests=n_req,
             req_errors=n_err, req_rate=n_req / since if since > 0 else 0.0,
             queue_depth=self.serving.queue_depth,
@@ -381,7 +386,7 @@ class Agent:
             if seg_id not in self.fetching:  # resume what an earlier run began
                 total, held = (self.cache.in_progress(seg_id, self.cfg.chunk_size)
                                or (None, set()))
-                self.fetching[seg_id] = _Fetch(total, held, self.clock())
+                self.fetching[seg_id] = _Fetch(total, held, self.monotonic())
             f = self.fetching[seg_id]
             if f.total is not None and len(f.held) >= f.total:
                 complete.append(seg_id)
@@ -396,7 +401,7 @@ class Agent:
 
     def _request(self, seg_id: str) -> None:
         f = self.fetching[seg_id]
-        f.last_progress = self.clock()
+        f.last_progress = self.monotonic()
         chunks = None if f.total is None else sorted(set(range(f.total)) - f.held)
         self._publish(self.t.art_req(self.cfg.device_id),
                       ArtifactRequest(artifact=seg_id, chunks=chunks,
@@ -435,7 +440,7 @@ class Agent:
                 return
             f.held.add(c.index)
             _crash_point(f"chunk:{len(f.held)}")
-        f.last_progress = self.clock()
+        f.last_progress = self.monotonic()
         if len(f.held) == f.total:
             self._downloaded(c.artifact)
 
@@ -518,7 +523,7 @@ class Agent:
         if problem is None:
             self._ack(d, "HEALTHY", **seen)
             if old is not None and self.cfg.canary.enabled:
-                self.canary = _Canary(new, old, self.clock())
+                self.canary = _Canary(new, old, self.monotonic())
             else:
                 self.serving.figures.track(new.generation)
         elif old is None:  # nothing to go back to: better than no model

@@ -22,7 +22,8 @@ class Resources(Protocol):
     def capabilities(self) -> Capabilities: ...
 
     def sample(self, now: float) -> dict:
-        """cpu (0-1), mem_free_mb, battery (0-1 or None), charging, temp_c."""
+        """cpu (0-1), mem_free_mb, battery (0-1 or None), charging, temp_c; `now` is a
+        monotonic reading (seconds), for resources that change with time."""
 
     def latency_ms(self, loaded: Loaded, probe: torch.Tensor) -> float:
         """The latency of one batch-1 inference of `loaded` on this device."""

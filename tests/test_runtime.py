@@ -92,7 +92,7 @@ def test_the_health_check_judges_a_slow_model_on_every_probe(tmp_path):
     host = ClientHost()
     agent = Agent(AgentConfig("rpi4-000", tmp_path / "board"),
                   SimResources(CLASSES["rpi4"], SimState()), host, SegmentRegistry(),
-                  clock=clock, worker=InlineWorker())
+                  monotonic=clock, worker=InlineWorker())
     try:
         d = Desired(device_id="rpi4-000", generation=1, deployment_id="d1", hybrid="h1",
                     front=["5e" * 32], ts=0.0, latency_budget_ms=1e-3)  # under any latency
@@ -101,6 +101,33 @@ def test_the_health_check_judges_a_slow_model_on_every_probe(tmp_path):
         problem, _ = agent._health(slow)
         assert problem is not None and problem.startswith("latency p95 "), problem
         assert agent.latency.percentile(95) is None  # telemetry's window has aged them out
+    finally:
+        agent.worker.stop()
+        host.close()
+
+
+def test_a_wall_clock_jump_changes_nothing_the_board_times(tmp_path):
+    """A board without a real-time clock boots in 1970 and NTP sets its clock later: what the
+    agent times itself runs on the monotonic clock, so the jump ages nothing out."""
+    from device_agent.agent import Agent, AgentConfig
+    from device_agent.cache import SegmentRegistry
+    from device_agent.worker import InlineWorker
+    from fleet_runtime.mqtt import ClientHost
+    from simulators.devices import CLASSES, SimResources, SimState
+
+    wall = [0.0]
+    host = ClientHost()
+    agent = Agent(AgentConfig("rpi4-000", tmp_path / "board"),
+                  SimResources(CLASSES["rpi4"], SimState()), host, SegmentRegistry(),
+                  clock=lambda: wall[0], worker=InlineWorker())
+    try:
+        model = loaded(Gate(1.0), 1)
+        agent.latency.reset(model)
+        agent.latency.add(5.0, model)
+        wall[0] = 1.8e9  # NTP: 57 years later
+        assert agent.latency.percentile(95) == 5.0
+        wall[0] = -1.8e9  # and back
+        assert agent.latency.percentile(95) == 5.0
     finally:
         agent.worker.stop()
         host.close()
