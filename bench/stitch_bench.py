@@ -122,23 +122,26 @@ def same_cost_model(target_flops: int, in_chans: int, classes: int, x1: torch.Te
     return best
 
 
-def train_for(model, splits, seconds: float, lr: float, augment: str) -> float:
-    """Train `model` from scratch for about `seconds` (steps sized from a timed probe);
-    returns the test accuracy."""
+def train_for(model, splits, seconds: float, lr: float, augment: str) -> tuple[float, float]:
+    """Train `model` from scratch for about `seconds`: the steps are sized from a probe of
+    50 steps, timed after 3 warm-up steps (the first steps of a model on the CPU are several
+    times slower, and timing them would starve the baseline). Returns (test accuracy,
+    seconds the training took)."""
     probe = copy.deepcopy(model).train()
     opt = torch.optim.AdamW(probe.parameters(), lr=lr)
     x, y = splits.train.x[:128], splits.train.y[:128]
-    t0 = time.perf_counter()
-    for _ in range(5):
+    for k in range(53):
+        if k == 3:
+            t0 = time.perf_counter()
         loss = torch.nn.functional.cross_entropy(probe(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    per_step = (time.perf_counter() - t0) / 5
+    per_step = (time.perf_counter() - t0) / 50
     steps = max(1, int(seconds / per_step))
-    train_anchor(model, splits, TrainConfig(epochs=1, n_train=min(len(splits.train), steps * 128),
-                                            lr=lr, augment=augment))
-    return evaluate(model, splits.test)
+    res = train_anchor(model, splits, TrainConfig(
+        epochs=1, n_train=min(len(splits.train), steps * 128), lr=lr, augment=augment))
+    return evaluate(model, splits.test), res.seconds
 
 
 def main() -> None:
@@ -152,7 +155,8 @@ def main() -> None:
                         "--reuse, the catalog `restnet catalog build` made); all: every row")
     p.add_argument("--reuse", type=Path,
                    help="a work folder of an earlier run: reuse the row catalogs it holds "
-                        "(row0, row1, ...; row0 may be a link to .restnet/catalog)")
+                        "(row0, row1, ...; row0 may be a link to .restnet/catalog) and the "
+                        "second task's (anchors2, second)")
     p.add_argument("--same-cost", type=int, default=0,
                    help="compare only this many useful hybrids, spread over cost (0: all)")
     args = p.parse_args()
@@ -291,18 +295,19 @@ def main() -> None:
     for e in compared:
         t_s = e.finetune_seconds
         model, f, w = same_cost_model(e.flops, splits.in_chans, splits.num_classes, x1)
-        acc = train_for(copy.deepcopy(model).train(), splits, t_s, 2e-3, spec.train.augment)
+        acc, t_b = train_for(copy.deepcopy(model).train(), splits, t_s, 2e-3,
+                             spec.train.augment)
         budget = copy.deepcopy(model).train()
         r_b = train_anchor(budget, splits, spec.train)
         acc_b = evaluate(budget, splits.test)
         wins += e.test_acc > acc
         wins_budget += e.test_acc > acc_b
         rows.append([e.name, f"{e.flops / 1e6:.1f}", pct(e.test_acc), f"{t_s:.0f}",
-                     f"width {w}, {f / 1e6:.1f} MFLOPs", pct(acc),
+                     f"width {w}, {f / 1e6:.1f} MFLOPs", f"{t_b:.0f}", pct(acc),
                      "hybrid" if e.test_acc > acc else "baseline", f"{r_b.seconds:.0f}",
                      pct(acc_b), "hybrid" if e.test_acc > acc_b else "baseline"])
-    table(["hybrid", "MFLOPs", "hybrid acc", "stitch s", "same-cost model", "acc (same time)",
-           "winner", "anchors' budget s", "acc (anchors' budget)", "winner"], rows)
+    table(["hybrid", "MFLOPs", "hybrid acc", "stitch s", "same-cost model", "its s",
+           "acc (same time)", "winner", "anchors' budget s", "acc (anchors' budget)", "winner"], rows)
     emit(f"The hybrid wins {wins} of {len(compared)} same-time comparisons and {wins_budget} of "
          f"{len(compared)} against the same model trained under the anchors' budget "
          f"({spec.train.epochs} epochs of {spec.train.n_train} images; {len(good)} useful "
@@ -316,8 +321,8 @@ def main() -> None:
     np.savez(npz, x=train_set.x[idx, 0].numpy(), y=train_set.y[idx].numpy())
     spec2 = dataclasses.replace(spec, dataset=str(npz), n_calib=None, n_val=None, n_test=None)
     splits2, data2 = splits_of(spec2)
-    zoo2 = build_zoo(spec2, splits2, work / "anchors2")
-    cat2, secs = timed_build(zoo2, splits2, work / "second", cfg, data2)
+    zoo2 = build_zoo(spec2, splits2, (args.reuse or work) / "anchors2")
+    cat2, secs = timed_build(zoo2, splits2, work / "second", cfg, data2, args.reuse)
     emit("### A second task: a tenth of Fashion-MNIST's training images as an .npz, the same "
          f"defaults ({len(splits2.train)} train / {len(splits2.val)} val / "
          f"{len(splits2.test)} test)")
