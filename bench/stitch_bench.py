@@ -138,9 +138,11 @@ def train_for(model, splits, seconds: float, lr: float, augment: str) -> tuple[f
         loss.backward()
         opt.step()
     per_step = (time.perf_counter() - t0) / 50
-    steps = max(1, int(seconds / per_step))
-    res = train_anchor(model, splits, TrainConfig(
-        epochs=1, n_train=min(len(splits.train), steps * 128), lr=lr, augment=augment))
+    images = max(1, int(seconds / per_step)) * 128
+    n = len(splits.train)  # more than one pass when the time allows it: whole epochs, nearest
+    cfg = (TrainConfig(epochs=1, n_train=images, lr=lr, augment=augment) if images <= n else
+           TrainConfig(epochs=max(1, round(images / n)), n_train=n, lr=lr, augment=augment))
+    res = train_anchor(model, splits, cfg)
     return evaluate(model, splits.test), res.seconds
 
 
