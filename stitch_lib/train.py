@@ -142,22 +142,24 @@ def train_anchor(model: nn.Module, splits: DataSplits, cfg: TrainConfig,
     the model is back on the CPU when it returns."""
     torch.manual_seed(cfg.seed)
     model.to(device)
-    train = _subset(splits.train, cfg.n_train, cfg.seed)
-    steps = cfg.epochs * math.ceil(len(train) / cfg.batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = _cosine(opt, steps, warmup=max(1, steps // 20))
-    g = torch.Generator().manual_seed(cfg.seed)
-    task = progress.add_task(f"train {label}", total=steps) if progress else None
-    t0, history = time.perf_counter(), []
-    for epoch in range(cfg.epochs):
-        model.train()
-        for x, y in train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed + epoch):
-            x, y = augment(x, g, cfg.augment).to(device), y.to(device)
-            loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
-            _step(loss, opt, sched, progress, task)
-        history.append(evaluate(model, splits.val))
-        log.info("%s epoch %d: val acc %.4f", label, epoch + 1, history[-1])
-    model.to("cpu").eval()
+    try:
+        train = _subset(splits.train, cfg.n_train, cfg.seed)
+        steps = cfg.epochs * math.ceil(len(train) / cfg.batch_size)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = _cosine(opt, steps, warmup=max(1, steps // 20))
+        g = torch.Generator().manual_seed(cfg.seed)
+        task = progress.add_task(f"train {label}", total=steps) if progress else None
+        t0, history = time.perf_counter(), []
+        for epoch in range(cfg.epochs):
+            model.train()
+            for x, y in train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed + epoch):
+                x, y = augment(x, g, cfg.augment).to(device), y.to(device)
+                loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+                _step(loss, opt, sched, progress, task)
+            history.append(evaluate(model, splits.val))
+            log.info("%s epoch %d: val acc %.4f", label, epoch + 1, history[-1])
+    finally:  # on the CPU again, even when training fails
+        model.to("cpu").eval()
     return TrainResult(history[-1], cfg.epochs, time.perf_counter() - t0, history)
 
 
