@@ -156,14 +156,18 @@ def _ranked_points(a: Anchor, b: Anchor, splits: DataSplits, cfg: BuildConfig,
 
 
 def _cotrained_point(a: Anchor, b: Anchor, p: Point, stitch: Stitch, splits: DataSplits,
-                     m: torch.Tensor, candidates: list[dict]) -> tuple[Hybrid, dict]:
+                     cfg: BuildConfig, m: torch.Tensor,
+                     candidates: list[dict]) -> tuple[Hybrid, dict]:
     """A co-trained point: its co-trained stitch or a least-squares fit, whichever is more
-    accurate on the validation split (both of the co-trained stitch's width)."""
+    accurate on the validation split. Either gets the build's zero-initialised residual branch
+    (`cfg.stitch_hidden`, unless the co-trained stitch has one), which changes nothing until
+    fine-tuning trains it."""
+    hidden = stitch.hidden or cfg.stitch_hidden
     h, fit = build_hybrid(a.segments, p.i, b.segments, p.j, splits.calib.x,
-                          hidden=stitch.hidden, front_name=a.spec.name, back_name=b.spec.name)
+                          hidden=hidden, front_name=a.spec.name, back_name=b.spec.name)
     ls_acc = evaluate(h, splits.val)
     ls_state = copy.deepcopy(h.stitch.state_dict())
-    h.stitch.load_state_dict(stitch.state_dict())
+    h.stitch.load_state_dict(ls_state | stitch.state_dict())  # the branch stays at zero
     co_acc = evaluate(h, splits.val)
     if ls_acc > co_acc:
         h.stitch.load_state_dict(ls_state)
@@ -203,7 +207,7 @@ def build_catalog(zoo: Zoo | list[Anchor], splits: DataSplits, catalog: Catalog,
         m = cka_matrix(a.segments, b.segments, calib)
         cka_maps[f"{fa}→{fb}"] = m.tolist()
         if zoo.stitches:
-            kept = [_cotrained_point(a, b, p, st, splits, m, candidates)
+            kept = [_cotrained_point(a, b, p, st, splits, cfg, m, candidates)
                     for p, st in sorted(zoo.stitches.items()) if (p.front, p.back) == (fa, fb)]
         else:
             kept = _ranked_points(a, b, splits, cfg, m, candidates, device)

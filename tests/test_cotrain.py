@@ -92,6 +92,12 @@ def test_catalog_of_a_stitch_aware_zoo(sa_zoo, splits, tmp_path):
         assert e.flops <= max(flops[e.front], flops[e.back])
         assert (Point(e.front, e.i, e.back, e.j) in zoo.stitches)
     assert {"coverage", "useful"} <= set(cat.meta["usefulness"]["flops"])
+    # every stitch gets the build's residual branch, at zero: the co-trained start is exactly
+    # the co-trained stitch
+    assert {e.stitch_hidden for e in cat.hybrids} == {cfg.stitch_hidden} != {0}
+    for c in cat.meta["candidates"]:
+        key = Point(c["front"], c["i"], c["back"], c["j"]).key
+        assert c["cotrained_val_acc"] == zoo.info["stitch_val_acc"][key]
 
 
 def entry(name, kind, acc, flops):
