@@ -55,7 +55,9 @@ class TrainConfig:
     batch_size: int = 128
     weight_decay: float = 0.05
     n_train: int | None = None  # train on a seeded subset of this size
-    patience: int = 1  # validations without gain before stopping (fine-tuning)
+    # fine-tuning: validations without gain before stopping; None: every step runs (the best
+    # validation state is kept either way)
+    patience: int | None = 1
     distill: float = 0.0  # weight of distillation from a teacher, 0 = off
     steps: int | None = None  # fine-tuning: optimiser steps, whatever the data size (not epochs)
     augment: str = "shift-flip"  # "shift-flip", "shift" (digits, text: no flips) or "none"
@@ -68,6 +70,9 @@ class TrainConfig:
             raise ValueError(f"distill is a loss weight in [0, 1], got {self.distill}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1 (or left out for epochs), got {self.steps}")
+        if self.patience is not None and self.patience < 0:
+            raise ValueError(f"patience must be >= 0 (or None: never stop early), "
+                             f"got {self.patience}")
         if self.augment not in AUGMENTS:
             raise ValueError(f"augment must be one of {AUGMENTS}, got {self.augment!r}")
 
@@ -228,8 +233,9 @@ def _train(hybrid: Hybrid, splits: DataSplits, cfg: TrainConfig, scope: str,
     t0 = time.perf_counter()
     trained = hybrid.stitch if stitch_only else hybrid
     best, best_state, history, stale = evaluate(head, val), copy.deepcopy(trained.state_dict()), [], 0
+    patience = math.inf if cfg.patience is None else cfg.patience
     step, epoch = 0, 0
-    while step < steps and stale <= cfg.patience:
+    while step < steps and stale <= patience:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + epoch))
         epoch += 1
         for k in range(0, len(order), cfg.batch_size):
@@ -249,7 +255,7 @@ def _train(hybrid: Hybrid, splits: DataSplits, cfg: TrainConfig, scope: str,
                 best_state = copy.deepcopy(trained.state_dict())
             else:
                 stale += 1
-            if step >= steps or stale > cfg.patience:
+            if step >= steps or stale > patience:
                 break
     trained.load_state_dict(best_state)
     hybrid.eval()
@@ -263,8 +269,8 @@ def finetune_stitch(hybrid: Hybrid, splits: DataSplits, cfg: TrainConfig = Train
                     progress: Progress | None = None,
                     device: torch.device | str = "cpu") -> TrainResult:
     """Train only the stitch of `hybrid`, keeping the state with the best validation
-    accuracy — the starting one included — with early stopping after `cfg.patience` epochs
-    without gain. The anchors stay
+    accuracy — the starting one included — with early stopping after `cfg.patience`
+    validations without gain (never, when it is None). The anchors stay
     frozen and in eval mode; `teacher` (e.g. the front anchor) adds distillation when
     `cfg.distill > 0`. Trains on `device`; everything is back on the CPU afterwards."""
     return _fit(hybrid, splits, cfg, "stitch", cache, teacher, progress, device)

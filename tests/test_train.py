@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -38,6 +39,21 @@ def test_distillation_from_the_front_anchor_runs(splits):
     hybrid, _ = build_hybrid(front, 1, back, 1, splits.calib.x, batch_size=32)
     res = finetune_stitch(hybrid, splits, TrainConfig(epochs=1, distill=0.5), teacher=teacher)
     assert res.epochs_run == 1 and 0 <= res.val_acc <= 1
+
+
+def test_without_patience_every_step_runs(splits):
+    front, back = split_model(tiny("test_resnet")), split_model(tiny("mobilenetv3_small_050"))
+    hybrid, _ = build_hybrid(front, 1, back, 1, splits.calib.x, batch_size=32)
+    start = copy.deepcopy(hybrid.stitch.state_dict())
+    # lr so small that validation accuracy never gains: patience 0 stops at the first
+    # validation, None runs all four (every 2 of the 8 steps)
+    cfg = TrainConfig(lr=1e-12, steps=8, n_train=256, patience=0)
+    assert finetune_stitch(hybrid, splits, cfg).epochs_run == 1
+    hybrid.stitch.load_state_dict(start)
+    res = finetune_stitch(hybrid, splits, dataclasses.replace(cfg, patience=None))
+    assert res.epochs_run == 4 and len(res.history) == 4
+    with pytest.raises(ValueError, match="patience"):
+        TrainConfig(patience=-1)
 
 
 def test_full_finetune_changes_the_anchors(splits):
