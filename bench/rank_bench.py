@@ -11,6 +11,9 @@ fine-tuning, and the accuracy extrapolated from the two longest to the build's l
 in log steps); also of the final validation accuracy (the ceiling any validation-split ranking
 can reach here). `--rows FILE` keeps every screened point's figures; `--from-rows FILE`
 reports them again without measuring, against the final figures the catalog holds now.
+`--ranked HOME` reports a catalog built with `--rank-steps K` instead: its own signal (the
+first K steps of each point's fine-tuning, which the kept points resume) and each validation
+of the kept runs, against their final test accuracy.
 The seconds the short fine-tunings of every screened point took are the ranking's price, beside
 what the build spent fine-tuning. Writes its block into docs/results.md (target: Spearman ≥ 0.9).
 """
@@ -159,6 +162,47 @@ def report(rows: list[dict], steps: list[int], build: dict) -> list[str]:
     return out
 
 
+def report_ranked(cat: Catalog) -> list[str]:
+    """A catalog built with `--rank-steps K`: how well its own ranking signal — each point's
+    validation accuracy after the first K steps of its fine-tuning, which the kept points then
+    resume — and every validation of the kept points' runs predict their final test accuracy."""
+    build, cands = cat.meta["build"], cat.meta["candidates"]
+    k, ft = build["rank_steps"], BuildConfig().ft
+    tuned = [e for e in cat.hybrids if e.stitch_state == "finetuned" and e.finetune_curve]
+    if not k or len(tuned) < 3:
+        raise SystemExit("rank_bench: --ranked needs a catalog built with --rank-steps K and "
+                         "at least 3 fine-tuned hybrids")
+    y = [e.test_acc for e in tuned]
+
+    def rho(x: list[float]) -> str:
+        return f"{spearman(x, y):.2f} | {loo_range(x, y)}"
+    every = max(1, min(math.ceil(ft.n_train / ft.batch_size), ft.steps // 4))
+    kept = {(e.front, e.back, e.i, e.j) for e in cat.hybrids}
+    dropped = [c for c in cands if (c["front"], c["back"], c["i"], c["j"]) not in kept]
+    price = sum(c.get("rank_seconds", 0.0) for c in dropped)
+    out = [f"`{command_line()}`", "",
+           f"Catalog ranked by validation accuracy after the first {k} of each point's "
+           f"{ft.steps} fine-tuning steps; {len(cands)} screened points, {len(tuned)} kept and "
+           "fine-tuned on from there (the Spearman is over those).", "",
+           "| ranking signal | Spearman vs final test acc | leaving one point out |",
+           "|---|---|---|",
+           f"| CKA | {rho([e.cka for e in tuned])} |",
+           f"| least-squares val acc (the CLI's default ranking) | "
+           f"{rho([e.ls_val_acc for e in tuned])} |",
+           f"| **val acc after the first {k} steps (this catalog's ranking)** | "
+           f"{rho([e.rank_val_acc for e in tuned])} |"]
+    for n in range(len(tuned[0].finetune_curve)):
+        step = min((n + 1) * every, ft.steps)
+        out.append(f"| val acc at the run's validation after {step} steps | "
+                   f"{rho([e.finetune_curve[n] for e in tuned])} |")
+    out.append(f"| final val acc (the ceiling, not a ranking) | {rho([e.val_acc for e in tuned])} |")
+    secs = sum(e.finetune_seconds or 0.0 for e in tuned)
+    out += ["", f"The ranking's price, the first {k} steps of the {len(dropped)} points not "
+            f"kept: {price:.0f} s; the kept points' fine-tuning, their first {k} steps included: "
+            f"{secs:.0f} s."]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--home", type=Path, default=ROOT / ".restnet")
@@ -170,7 +214,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from-rows", type=Path, help="measure nothing: report the figures an "
                    "earlier run wrote with --rows (the same --steps) against the catalog's "
                    "final figures")
+    p.add_argument("--ranked", type=Path, help="measure nothing: report the home of a catalog "
+                   "built with `restnet catalog build --rank-steps K` (its own ranking)")
     args = p.parse_args(argv)
+    if args.ranked:
+        lines = report_ranked(Catalog.load(args.ranked / "catalog"))
+        print("\n".join(lines))
+        if args.write:
+            write_block("<!-- rank-bench-ranked -->", "<!-- /rank-bench-ranked -->", lines,
+                        "### A catalog ranked by the first steps of its own fine-tuning "
+                        "(`--rank-steps`)", before="## Serving")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     steps = sorted({int(s) for s in args.steps.split(",")})
     if not steps or steps[0] < 1:

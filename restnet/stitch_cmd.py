@@ -114,8 +114,9 @@ def catalog_main(argv: list[str]) -> int:
     b.add_argument("--stitch-hidden", type=int, default=BuildConfig.stitch_hidden,
                    help="width of each stitch's residual branch (0: linear stitches only)")
     b.add_argument("--rank-steps", type=int, default=BuildConfig.rank_steps,
-                   help="rank candidate points by validation accuracy after this many stitch "
-                        "fine-tuning steps (0: by the least-squares start)")
+                   help="rank candidate points by validation accuracy after the first this "
+                        "many steps of their stitch fine-tuning, which the kept points resume "
+                        "(0: by the least-squares start)")
     s = sub.add_parser("show", help="print the catalog and write its Pareto plot")
     s.add_argument("--home", type=Path, default=DEFAULT_HOME)
     s.add_argument("-v", "--verbose", action="store_true")

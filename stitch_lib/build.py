@@ -8,12 +8,13 @@ anchors (the ReStNet direction — larger in front — or both):
 2. screen: keep the `screen` shape-feasible points with the highest CKA;
 3. rank: initialise each survivor by least squares (under a second) and keep the `top_k` with
    the best validation accuracy — measured to predict fine-tuned accuracy far better than
-   CKA does (DESIGN §3) — or, with `rank_steps`, the best validation accuracy after that many
-   steps of stitch fine-tuning from the least-squares start (a measurement only: the kept
-   hybrids go back to their least-squares start).
+   CKA does (DESIGN §3) — or, with `rank_steps`, the validation accuracy after the first
+   that many steps of each point's own stitch fine-tuning (successive halving: a kept point
+   later goes on from there, so only the dropped points' steps are the ranking's price).
 Each stitch is linear plus a zero-initialised residual branch of width `stitch_hidden` (see
 `stitch`): the ranking sees exactly the least-squares fit, fine-tuning trains both.
-Then: drop any hybrid that costs more FLOPs than its dearer anchor; fine-tune the stitches
+A point that costs more FLOPs than its pair's dearer anchor is dropped (before ranking, for
+anchors trained apart, so it never takes a kept place). Then fine-tune the stitches
 (`all`, only those on the validation `frontier`, or `none`: left at their start and marked
 so, for the controller to fine-tune on demand); measure accuracy (test split) and cost of
 everything; record which hybrids are useful and the coverage (`catalog.usefulness`).
@@ -21,7 +22,6 @@ everything; record which hybrids are useful and the coverage (`catalog.usefulnes
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +38,7 @@ from .cotrain import Point
 from .data import DataSplits
 from .segments import Port, Segment, is_transformer, split_model
 from .stitch import MAX_HIDDEN, Hybrid, Stitch, build_hybrid, feasible_points
-from .train import FrontCache, TrainConfig, evaluate, finetune_stitch
+from .train import FineTune, FrontCache, TrainConfig, evaluate, finetune_stitch
 from .zoo import Anchor, Zoo
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class BuildConfig:
         lr=1e-2, steps=600, n_train=10000, patience=None))
     latency_rounds: int = 30
     stitch_hidden: int = 64  # width of each stitch's residual branch; 0 = linear stitches
-    rank_steps: int = 0  # > 0: rank candidates by val acc after this many fine-tuning steps
+    rank_steps: int = 0  # > 0: rank by val acc after this many of each point's `ft` steps
 
     def __post_init__(self) -> None:
         if self.finetune not in FINETUNE_MODES:
@@ -133,10 +133,12 @@ def _wire_size(tensors: dict[str, torch.Tensor]) -> int:
 
 
 def _ranked_points(a: Anchor, b: Anchor, splits: DataSplits, cfg: BuildConfig,
-                   m: torch.Tensor, candidates: list[dict],
-                   device: torch.device | str) -> list[tuple[Hybrid, dict]]:
+                   m: torch.Tensor, candidates: list[dict], teacher: torch.nn.Module | None,
+                   max_flops: int, device: torch.device | str) -> list[tuple[Hybrid, dict]]:
     """Anchors trained apart: CKA screen, then the top-k by least-squares validation accuracy,
-    or by validation accuracy after `cfg.rank_steps` steps of stitch fine-tuning."""
+    or by validation accuracy after the first `cfg.rank_steps` steps of each point's own
+    stitch fine-tuning (`cfg.ft`), which a kept point later resumes (its `info["run"]`).
+    A point dearer than `max_flops` (the pair's dearer anchor) is never ranked."""
     calib = splits.calib.x
     pts = sorted(feasible_points(a.segments, b.segments, calib),
                  key=lambda p: -float(m[p]))[: cfg.screen]
@@ -144,15 +146,19 @@ def _ranked_points(a: Anchor, b: Anchor, splits: DataSplits, cfg: BuildConfig,
     for i, j in pts:
         h, fit = build_hybrid(a.segments, i, b.segments, j, calib, hidden=cfg.stitch_hidden,
                               front_name=a.spec.name, back_name=b.spec.name)
+        if (n := flops(h, calib[:1])) > max_flops:  # it would take a kept place, then go
+            log.info("dropped %s before ranking: %d FLOPs, more than its dearer anchor",
+                     h.name, n)
+            continue
         info = dict(cka=float(m[i, j]), ls_val_acc=evaluate(h, splits.val), **fit)
         info.update(init="ls", init_val_acc=info["ls_val_acc"], rank_val_acc=info["ls_val_acc"])
-        if cfg.rank_steps:
+        if cfg.rank_steps:  # the first steps of the point's own fine-tuning, paused
             start = copy.deepcopy(h.stitch.state_dict())
-            info["rank_val_acc"] = finetune_stitch(
-                h, splits, dataclasses.replace(cfg.ft, steps=cfg.rank_steps), cache=cache,
-                device=device).val_acc
-            h.stitch.load_state_dict(start)
+            run = FineTune(h, splits, cfg.ft, cache=cache, teacher=teacher, device=device)
+            info.update(rank_val_acc=run.advance(cfg.rank_steps), rank_seconds=run.seconds)
         candidates.append(dict(front=a.spec.name, back=b.spec.name, i=i, j=j, **info))
+        if cfg.rank_steps:  # a kept point's fine-tuning goes on from here, if it is chosen
+            info["run"] = run.pause(start)
         ranked.append((h, info))
     ranked.sort(key=lambda r: -r[1]["rank_val_acc"])
     return ranked[: cfg.top_k]
@@ -202,6 +208,7 @@ def build_catalog(zoo: Zoo | list[Anchor], splits: DataSplits, catalog: Catalog,
     else:
         pairs = [(a.spec.name, b.spec.name) for a in anchors for b in anchors if a is not b and (
             cfg.directions == "both" or costs[a.spec.name]["flops"] > costs[b.spec.name]["flops"])]
+    teacher = max(anchors, key=lambda a: a.val_acc).model if cfg.ft.distill > 0 else None
     task = progress.add_task("rank stitch points", total=len(pairs)) if progress else None
     hybrids: list[tuple[Hybrid, dict]] = []
     candidates, cka_maps = [], {}
@@ -213,7 +220,8 @@ def build_catalog(zoo: Zoo | list[Anchor], splits: DataSplits, catalog: Catalog,
             kept = [_cotrained_point(a, b, p, st, splits, cfg, m, candidates)
                     for p, st in sorted(zoo.stitches.items()) if (p.front, p.back) == (fa, fb)]
         else:
-            kept = _ranked_points(a, b, splits, cfg, m, candidates, device)
+            kept = _ranked_points(a, b, splits, cfg, m, candidates, teacher,
+                                  max(costs[fa]["flops"], costs[fb]["flops"]), device)
         for h, info in kept:
             big = costs[fa]["flops"] >= costs[fb]["flops"]
             info.update(joint=f"{_kind(a.segments)}→{_kind(b.segments)}",
@@ -254,13 +262,14 @@ def build_catalog(zoo: Zoo | list[Anchor], splits: DataSplits, catalog: Catalog,
     if cfg.finetune != "none":
         chosen = to_finetune(entries, cfg.finetune)
         cache = FrontCache()
-        teacher = max(anchors, key=lambda a: a.val_acc).model if cfg.ft.distill > 0 else None
-        for (h, _), e in zip(hybrids, entries[len(anchors):]):
+        for (h, info), e in zip(hybrids, entries[len(anchors):]):
             if e.name not in chosen:
                 continue
-            res = finetune_stitch(h, splits, cfg.ft, cache=cache, teacher=teacher,
-                                  progress=progress, device=device)
+            res = info["run"].result() if "run" in info else finetune_stitch(
+                h, splits, cfg.ft, cache=cache, teacher=teacher, progress=progress,
+                device=device)
             e.val_acc, e.stitch_state, e.finetune_seconds = res.val_acc, "finetuned", res.seconds
+            e.finetune_curve = res.history
             log.info("fine-tuned %s: val %.4f -> %.4f in %.1f s", e.name, e.init_val_acc,
                      res.val_acc, res.seconds)
 

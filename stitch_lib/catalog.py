@@ -59,6 +59,7 @@ class Entry:
     init_val_acc: float | None = None  # hybrids: validation accuracy at that start
     rank_val_acc: float | None = None  # hybrids: what the ranking ordered them by (val acc)
     finetune_seconds: float | None = None  # hybrids: wall time of the stitch fine-tuning
+    finetune_curve: list[float] | None = None  # hybrids: val acc at each of its validations
     # per segment in execution order (a hybrid's stitch included, ID "stitch"):
     # {"segment_id", "flops", "latency_ms", "kind"} (stitch_lib.cost.segment_costs)
     segment_costs: list[dict[str, Any]] | None = None

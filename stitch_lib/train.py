@@ -9,6 +9,7 @@ Every loop trains on the CPU unless given a `device` (`resolve_device`: "cpu", "
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -186,82 +187,136 @@ class FrontCache:
         return self._store[key]
 
 
-def _fit(hybrid: Hybrid, splits: DataSplits, cfg: TrainConfig, scope: str,
-         cache: FrontCache | None, teacher: nn.Module | None,
-         progress: Progress | None, device: torch.device | str) -> TrainResult:
-    """`_train` on `device`, the hybrid (with the anchors' segments it shares) and the teacher
-    back on the CPU afterwards, whatever happens."""
-    models = [m for m in (hybrid, teacher) if m is not None]
-    for m in models:
-        m.to(device)
-    try:
-        return _train(hybrid, splits, cfg, scope, cache, teacher, progress, torch.device(device))
-    finally:
-        for m in models:
-            m.to("cpu")
+class FineTune:
+    """One fine-tuning run that can stop part-way and go on later: `advance(k)` trains to step
+    k of the run's own schedule (cosine over `cfg.steps`) and returns the validation accuracy
+    there; `result()` trains to the end and returns what `finetune_stitch` does. Validations
+    run every `steps // 4` steps or once per pass over the data, whichever comes first (per
+    epoch when `cfg.steps` is unset), and at the end; the best state among them (the start
+    included) is kept; a reading `advance` takes in between is a measurement only, so a run
+    advanced in pieces ends exactly where one uninterrupted run does. Between calls the model
+    is on the CPU; stitch-only runs keep their cached front outputs where they ran."""
 
-
-def _train(hybrid: Hybrid, splits: DataSplits, cfg: TrainConfig, scope: str,
-           cache: FrontCache | None, teacher: nn.Module | None,
-           progress: Progress | None, device: torch.device) -> TrainResult:
-    torch.manual_seed(cfg.seed)
-    train = _subset(splits.train, cfg.n_train, cfg.seed)
-    stitch_only = scope == "stitch"
-    if stitch_only:
-        hybrid.freeze_anchors()
-        cache = cache or FrontCache()
-        head = nn.Sequential(hybrid.stitch, hybrid.back).eval()  # runs on cached front outputs
-        train_in = cache.get(hybrid, train, ("train", cfg.n_train, cfg.seed))
-        val_in = cache.get(hybrid, splits.val, ("val",))
-        params = list(hybrid.stitch.parameters())
-    else:
-        head, train_in, val_in = hybrid, train.x.to(device), splits.val.x.to(device)
-        hybrid.freeze_anchors(False)
-        params = list(hybrid.parameters())
-    t_logits = None
-    if teacher is not None and cfg.distill > 0:
-        teacher.eval()
-        with torch.no_grad():
-            t_logits = torch.cat([teacher(x.to(device)) for x, _ in train.batches(512)])
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0 if stitch_only else cfg.weight_decay)
-    per_epoch = math.ceil(len(train) / cfg.batch_size)
-    steps = cfg.steps or cfg.epochs * per_epoch
-    eval_every = per_epoch if cfg.steps is None else max(1, min(per_epoch, steps // 4))
-    sched = _cosine(opt, steps, warmup=max(1, steps // 50))
-    task = progress.add_task(f"fine-tune {scope}: {hybrid.name}", total=steps) if progress else None
-    val, train_y = Split(val_in, splits.val.y), train.y.to(device)
-    t0 = time.perf_counter()
-    trained = hybrid.stitch if stitch_only else hybrid
-    best, best_state, history, stale = evaluate(head, val), copy.deepcopy(trained.state_dict()), [], 0
-    patience = math.inf if cfg.patience is None else cfg.patience
-    step, epoch = 0, 0
-    while step < steps and stale <= patience:
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        epoch += 1
-        for k in range(0, len(order), cfg.batch_size):
-            head.train(not stitch_only)
-            idx = order[k: k + cfg.batch_size].to(device)
-            logits = head(train_in[idx])
-            loss = F.cross_entropy(logits, train_y[idx])
-            if t_logits is not None:
-                loss = (1 - cfg.distill) * loss + cfg.distill * distill_loss(logits, t_logits[idx])
-            _step(loss, opt, sched, progress, task)
-            step += 1
-            if step % eval_every and step < steps:
-                continue
-            history.append(evaluate(head, val))
-            if history[-1] > best:
-                best, stale = history[-1], 0
-                best_state = copy.deepcopy(trained.state_dict())
+    def __init__(self, hybrid: Hybrid, splits: DataSplits, cfg: TrainConfig, scope: str = "stitch",
+                 *, cache: FrontCache | None = None, teacher: nn.Module | None = None,
+                 progress: Progress | None = None, device: torch.device | str = "cpu") -> None:
+        self.hybrid, self.cfg, self.teacher, self.progress = hybrid, cfg, teacher, progress
+        self.device = torch.device(device)
+        torch.manual_seed(cfg.seed)
+        self.train = _subset(splits.train, cfg.n_train, cfg.seed)
+        self.stitch_only = scope == "stitch"
+        with self._on_device():
+            if self.stitch_only:
+                hybrid.freeze_anchors()
+                cache = cache or FrontCache()
+                # runs on cached front outputs
+                self.head: nn.Module = nn.Sequential(hybrid.stitch, hybrid.back).eval()
+                self.train_in = cache.get(hybrid, self.train, ("train", cfg.n_train, cfg.seed))
+                val_in = cache.get(hybrid, splits.val, ("val",))
+                params = list(hybrid.stitch.parameters())
             else:
-                stale += 1
-            if step >= steps or stale > patience:
-                break
-    trained.load_state_dict(best_state)
-    hybrid.eval()
-    if progress:
-        progress.update(task, completed=steps)
-    return TrainResult(best, len(history), time.perf_counter() - t0, history)
+                self.head, self.train_in = hybrid, self.train.x.to(self.device)
+                val_in = splits.val.x.to(self.device)
+                hybrid.freeze_anchors(False)
+                params = list(hybrid.parameters())
+            self.t_logits = None
+            if teacher is not None and cfg.distill > 0:
+                teacher.eval()
+                with torch.no_grad():
+                    self.t_logits = torch.cat([teacher(x.to(self.device))
+                                               for x, _ in self.train.batches(512)])
+            self.opt = torch.optim.AdamW(params, lr=cfg.lr,
+                                         weight_decay=0.0 if self.stitch_only else cfg.weight_decay)
+            per_epoch = math.ceil(len(self.train) / cfg.batch_size)
+            self.steps = cfg.steps or cfg.epochs * per_epoch
+            self.eval_every = per_epoch if cfg.steps is None else max(1, min(per_epoch,
+                                                                            self.steps // 4))
+            self.sched = _cosine(self.opt, self.steps, warmup=max(1, self.steps // 50))
+            self.val = Split(val_in, splits.val.y)
+            self.train_y = self.train.y.to(self.device)
+            self.trained = hybrid.stitch if self.stitch_only else hybrid
+            self.best = evaluate(self.head, self.val)
+            self.best_state = copy.deepcopy(self.trained.state_dict())
+        self.task = (progress.add_task(f"fine-tune {scope}: {hybrid.name}", total=self.steps)
+                     if progress else None)
+        self.history: list[float] = []
+        self.patience = math.inf if cfg.patience is None else cfg.patience
+        self.step, self.epoch, self.stale, self.seconds = 0, 0, 0, 0.0
+        self._order, self._pos = torch.empty(0, dtype=torch.long), 0
+        self._paused: dict[str, torch.Tensor] | None = None
+
+    @contextlib.contextmanager
+    def _on_device(self):
+        """The hybrid (with the anchors' segments it shares) and the teacher on the run's
+        device, and back on the CPU afterwards, whatever happens."""
+        models = [m for m in (self.hybrid, self.teacher) if m is not None]
+        for m in models:
+            m.to(self.device)
+        try:
+            yield
+        finally:
+            for m in models:
+                m.to("cpu")
+
+    def pause(self, state: dict[str, torch.Tensor]) -> FineTune:
+        """Put `state` (the start, say) in the model until the run goes on; returns the run."""
+        self._paused = copy.deepcopy(self.trained.state_dict())
+        self.trained.load_state_dict(state)
+        return self
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.steps or self.stale > self.patience
+
+    def advance(self, until: int) -> float:
+        """Train to step `until` (at most the run's length, less if it stops early) and return
+        the validation accuracy of the state reached."""
+        t0 = time.perf_counter()
+        if self._paused is not None:
+            self.trained.load_state_dict(self._paused)
+            self._paused = None
+        with self._on_device():
+            while self.step < min(until, self.steps) and not self.done:
+                self._one_step()
+            if (self.history and self.step % self.eval_every == 0) or self.done:
+                acc = self.history[-1] if self.history else self.best
+            else:  # between validations: read the state, without choosing it
+                acc = evaluate(self.head, self.val)
+        self.seconds += time.perf_counter() - t0
+        return acc
+
+    def _one_step(self) -> None:
+        if self._pos >= len(self._order):
+            self._order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(
+                self.cfg.seed + self.epoch))
+            self.epoch, self._pos = self.epoch + 1, 0
+        self.head.train(not self.stitch_only)
+        idx = self._order[self._pos: self._pos + self.cfg.batch_size].to(self.device)
+        self._pos += self.cfg.batch_size
+        logits = self.head(self.train_in[idx])
+        loss = F.cross_entropy(logits, self.train_y[idx])
+        if self.t_logits is not None:
+            loss = ((1 - self.cfg.distill) * loss
+                    + self.cfg.distill * distill_loss(logits, self.t_logits[idx]))
+        _step(loss, self.opt, self.sched, self.progress, self.task)
+        self.step += 1
+        if self.step % self.eval_every and self.step < self.steps:
+            return
+        self.history.append(evaluate(self.head, self.val))
+        if self.history[-1] > self.best:
+            self.best, self.stale = self.history[-1], 0
+            self.best_state = copy.deepcopy(self.trained.state_dict())
+        else:
+            self.stale += 1
+
+    def result(self) -> TrainResult:
+        """Train to the end; the model is left in its best validated state, in eval mode."""
+        self.advance(self.steps)
+        self.trained.load_state_dict(self.best_state)
+        self.hybrid.eval()
+        if self.progress:
+            self.progress.update(self.task, completed=self.steps)
+        return TrainResult(self.best, len(self.history), self.seconds, self.history)
 
 
 def finetune_stitch(hybrid: Hybrid, splits: DataSplits, cfg: TrainConfig = TrainConfig(lr=1e-3),
@@ -273,7 +328,8 @@ def finetune_stitch(hybrid: Hybrid, splits: DataSplits, cfg: TrainConfig = Train
     validations without gain (never, when it is None). The anchors stay
     frozen and in eval mode; `teacher` (e.g. the front anchor) adds distillation when
     `cfg.distill > 0`. Trains on `device`; everything is back on the CPU afterwards."""
-    return _fit(hybrid, splits, cfg, "stitch", cache, teacher, progress, device)
+    return FineTune(hybrid, splits, cfg, "stitch", cache=cache, teacher=teacher,
+                    progress=progress, device=device).result()
 
 
 def finetune_full(hybrid: Hybrid, splits: DataSplits, cfg: TrainConfig = TrainConfig(lr=3e-4),
@@ -281,4 +337,4 @@ def finetune_full(hybrid: Hybrid, splits: DataSplits, cfg: TrainConfig = TrainCo
                   device: torch.device | str = "cpu") -> TrainResult:
     """Fine-tune every parameter of `hybrid` (changes the anchors' shared segments: pass a
     deep copy). The baseline that stitch-only fine-tuning is measured against."""
-    return _fit(hybrid, splits, cfg, "all", None, None, progress, device)
+    return FineTune(hybrid, splits, cfg, "all", progress=progress, device=device).result()

@@ -54,6 +54,13 @@ def test_catalog_holds_measured_anchors_and_hybrids(built):
     assert reloaded.entries[-1].segment_costs == cat.entries[-1].segment_costs
     meta = json.loads((cat.root / "catalog.json").read_text())["meta"]
     assert meta["candidates"] and meta["machine"]["threads"] == 1
+    flops = {a.name: a.flops for a in cat.anchors}
+    for fa, fb in {(c["front"], c["back"]) for c in meta["candidates"]}:
+        # a point dearer than its pair's dearer anchor is never ranked, so never takes a place
+        ranked = [c for c in meta["candidates"] if (c["front"], c["back"]) == (fa, fb)]
+        kept = [e for e in cat.hybrids if (e.front, e.back) == (fa, fb)]
+        assert len(kept) == min(2, len(ranked))
+        assert all(e.flops <= max(flops[fa], flops[fb]) for e in kept)
 
 
 def test_hybrid_reloads_from_its_artifact(built, splits):
@@ -93,13 +100,28 @@ def test_ranking_by_a_short_finetune_keeps_the_best_at_their_start(built, splits
     segments = {a.spec.name: a.segments for a in anchors.anchors}
     for e in cat.hybrids:
         pair = [c for c in meta["candidates"] if (c["front"], c["back"]) == (e.front, e.back)]
-        assert len(pair) == 3 and e.rank_val_acc == max(c["rank_val_acc"] for c in pair)
+        # the 3 screened points, less any dearer than the pair's dearer anchor
+        assert 1 <= len(pair) <= 3 and e.rank_val_acc == max(c["rank_val_acc"] for c in pair)
         assert any(c["rank_val_acc"] != c["ls_val_acc"] for c in meta["candidates"])
         # the short fine-tuning only measured: the hybrid ships its least-squares start
         assert e.stitch_state == "ls"
         assert evaluate(load_hybrid(e, segments, cat), splits.val) == pytest.approx(e.ls_val_acc)
     with pytest.raises(ValueError, match="rank_steps"):
         BuildConfig(rank_steps=-1)
+
+
+def test_ranked_points_resume_their_short_finetune(built, splits, tmp_path):
+    from stitch_lib.build import build_catalog
+    anchors, _ = built
+    ft = TrainConfig(lr=3e-2, steps=8, n_train=300, patience=None)  # validates every 2 steps
+    cfg = BuildConfig(top_k=1, screen=2, finetune="all", latency_rounds=1, rank_steps=4, ft=ft)
+    cat = build_catalog(anchors, splits, Catalog(tmp_path / "catalog"), cfg)
+    for e in cat.hybrids:
+        # one run of 8 steps, the ranking's 4 and then the rest: its reading at step 4 is the
+        # run's own validation there
+        assert e.stitch_state == "finetuned" and len(e.finetune_curve) == 4
+        assert e.rank_val_acc == e.finetune_curve[1]  # step 4 is a validation of the run
+        assert e.val_acc == max(e.init_val_acc, *e.finetune_curve)
 
 
 def test_tampered_artifact_is_refused(built):

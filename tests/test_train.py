@@ -6,7 +6,7 @@ import torch
 
 from conftest import tiny
 from stitch_lib import TrainConfig, build_hybrid, finetune_stitch, split_model
-from stitch_lib.train import evaluate, finetune_full, resolve_device, train_anchor
+from stitch_lib.train import FineTune, evaluate, finetune_full, resolve_device, train_anchor
 
 
 def anchors_state(hybrid):
@@ -54,6 +54,24 @@ def test_without_patience_every_step_runs(splits):
     assert res.epochs_run == 4 and len(res.history) == 4
     with pytest.raises(ValueError, match="patience"):
         TrainConfig(patience=-1)
+
+
+def test_a_paused_finetune_ends_where_one_uninterrupted_run_does(splits):
+    front, back = split_model(tiny("test_resnet")), split_model(tiny("mobilenetv3_small_050"))
+    hybrid, _ = build_hybrid(front, 1, back, 1, splits.calib.x, batch_size=32)
+    start = copy.deepcopy(hybrid.stitch.state_dict())
+    cfg = TrainConfig(lr=1e-2, steps=12, n_train=256, patience=None)  # validates every 3
+    whole = finetune_stitch(hybrid, splits, cfg)
+    ended = copy.deepcopy(hybrid.stitch.state_dict())
+    hybrid.stitch.load_state_dict(start)
+    run = FineTune(hybrid, splits, cfg)
+    probe = run.advance(5)  # between validations: a reading that does not choose the state
+    assert probe == evaluate(hybrid, splits.val) and run.step == 5
+    run.pause(start)  # the model shows its start meanwhile
+    assert all(torch.equal(v, hybrid.stitch.state_dict()[k]) for k, v in start.items())
+    res = run.result()
+    assert res.history == whole.history and res.val_acc == whole.val_acc
+    assert all(torch.equal(v, hybrid.stitch.state_dict()[k]) for k, v in ended.items())
 
 
 def test_full_finetune_changes_the_anchors(splits):
