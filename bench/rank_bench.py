@@ -40,7 +40,8 @@ from stitch_lib.catalog import Catalog, Entry  # noqa: E402
 from stitch_lib.cka import cka_matrix  # noqa: E402
 from stitch_lib.data import make_splits  # noqa: E402
 from stitch_lib.stitch import build_hybrid, feasible_points  # noqa: E402
-from stitch_lib.train import FrontCache, evaluate, finetune_stitch  # noqa: E402
+from stitch_lib.train import (FrontCache, TrainConfig, evaluate,  # noqa: E402
+                               finetune_stitch, validation_interval)
 from stitch_lib.zoo import build_zoo  # noqa: E402
 
 log = logging.getLogger("rank_bench")
@@ -167,7 +168,9 @@ def report_ranked(cat: Catalog) -> list[str]:
     validation accuracy after the first K steps of its fine-tuning, which the kept points then
     resume — and every validation of the kept points' runs predict their final test accuracy."""
     build, cands = cat.meta["build"], cat.meta["candidates"]
-    k, ft = build["rank_steps"], BuildConfig().ft
+    # the build's own fine-tuning settings (catalogs built before they were recorded: today's)
+    ft = TrainConfig(**build["ft"]) if "ft" in build else BuildConfig().ft
+    k = build["rank_steps"]
     tuned = [e for e in cat.hybrids if e.stitch_state == "finetuned" and e.finetune_curve]
     if not k or len(tuned) < 3:
         raise SystemExit("rank_bench: --ranked needs a catalog built with --rank-steps K and "
@@ -176,7 +179,7 @@ def report_ranked(cat: Catalog) -> list[str]:
 
     def rho(x: list[float]) -> str:
         return f"{spearman(x, y):.2f} | {loo_range(x, y)}"
-    every = max(1, min(math.ceil(ft.n_train / ft.batch_size), ft.steps // 4))
+    every = validation_interval(ft, ft.n_train)  # n_train: fewer than the training split
     kept = {(e.front, e.back, e.i, e.j) for e in cat.hybrids}
     dropped = [c for c in cands if (c["front"], c["back"], c["i"], c["j"]) not in kept]
     price = sum(c.get("rank_seconds", 0.0) for c in dropped)

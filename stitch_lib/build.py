@@ -22,6 +22,7 @@ everything; record which hybrids are useful and the coverage (`catalog.usefulnes
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -290,6 +291,7 @@ def build_catalog(zoo: Zoo | list[Anchor], splits: DataSplits, catalog: Catalog,
         "data": splits.fingerprint, "dataset": data,
         "build": {"top_k": cfg.top_k, "screen": cfg.screen, "finetune": cfg.finetune,
                   "stitch_hidden": cfg.stitch_hidden, "rank_steps": cfg.rank_steps,
+                  "ft": dataclasses.asdict(cfg.ft),
                   "anchors": "stitch-aware" if zoo.stitches else "apart",
                   "device": torch.device(device).type},
         "anchor_training": zoo.info,

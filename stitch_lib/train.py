@@ -187,6 +187,14 @@ class FrontCache:
         return self._store[key]
 
 
+def validation_interval(cfg: TrainConfig, n_images: int) -> int:
+    """Steps between a fine-tuning's validations on `n_images` training images: one pass over
+    them or a quarter of `cfg.steps`, whichever is shorter (a pass when `cfg.steps` is unset);
+    the last step is validated too."""
+    per_epoch = math.ceil(n_images / cfg.batch_size)
+    return per_epoch if cfg.steps is None else max(1, min(per_epoch, cfg.steps // 4))
+
+
 class FineTune:
     """One fine-tuning run that can stop part-way and go on later: `advance(k)` trains to step
     k of the run's own schedule (cosine over `cfg.steps`) and returns the validation accuracy
@@ -227,10 +235,8 @@ class FineTune:
                                                for x, _ in self.train.batches(512)])
             self.opt = torch.optim.AdamW(params, lr=cfg.lr,
                                          weight_decay=0.0 if self.stitch_only else cfg.weight_decay)
-            per_epoch = math.ceil(len(self.train) / cfg.batch_size)
-            self.steps = cfg.steps or cfg.epochs * per_epoch
-            self.eval_every = per_epoch if cfg.steps is None else max(1, min(per_epoch,
-                                                                            self.steps // 4))
+            self.steps = cfg.steps or cfg.epochs * math.ceil(len(self.train) / cfg.batch_size)
+            self.eval_every = validation_interval(cfg, len(self.train))
             self.sched = _cosine(self.opt, self.steps, warmup=max(1, self.steps // 50))
             self.val = Split(val_in, splits.val.y)
             self.train_y = self.train.y.to(self.device)
