@@ -116,7 +116,8 @@ def ensure_catalog(path: Path | None) -> Path:
         splits = make_splits(**data)
         anchors = build_zoo(ZooSpec.from_dict(TINY_ZOO), splits, root / "anchors")
         build_catalog(anchors, splits, Catalog(root / "catalog"),
-                      BuildConfig(top_k=2, screen=3, finetune="none", latency_rounds=3), data=data)
+                      BuildConfig(top_k=2, screen=3, finetune="none", latency_rounds=3,
+                                  rank_steps=0), data=data)
     cat = Catalog.load(root / "catalog")
     for rank, e in enumerate(sorted(cat.entries, key=lambda e: e.flops)):
         e.test_acc = 0.5 + 0.01 * rank

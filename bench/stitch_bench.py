@@ -191,9 +191,10 @@ def main() -> None:
     # 1. the ablation: one row per recipe, the zoo's own (the CLI defaults) first
     rows, cats = [], {}
     stitch = f"residual stitch ({cfg.stitch_hidden} wide)"
-    apart_row = (f"anchors apart, CKA screen + LS rank (both directions), {stitch} fine-tuned",
+    rank = f"{cfg.rank_steps}-step rank" if cfg.rank_steps else "LS rank"
+    apart_row = (f"anchors apart, CKA screen + {rank} (both directions), {stitch} fine-tuned",
                  apart, cfg)
-    linear_row = ("anchors apart, CKA screen + LS rank (both directions), linear stitch "
+    linear_row = (f"anchors apart, CKA screen + {rank} (both directions), linear stitch "
                   "fine-tuned", apart, dataclasses.replace(cfg, stitch_hidden=0))
     sa_row = (f"stitch-aware anchors, co-trained or LS start, {stitch} fine-tuned", sa, cfg)
     if args.rows == "apart":
@@ -256,7 +257,9 @@ def main() -> None:
          else f"{100 * u['flops']['chord_margin_min']:+.2f}"],
         ["median delta / whole hybrid, useful hybrids",
          pct(statistics.median(e.delta_ratio for e in good)) if good else "—"],
-        ["Spearman: start val acc vs final test acc (every fine-tuned hybrid)",
+        ["Spearman: the build's ranking signal vs final test acc (every fine-tuned hybrid)",
+         f"{spearman([e.rank_val_acc for e in tuned], [e.test_acc for e in tuned]):.2f}"],
+        ["Spearman: start val acc vs final test acc",
          f"{spearman([e.init_val_acc for e in tuned], [e.test_acc for e in tuned]):.2f}"],
         ["Spearman: LS-init val acc vs final test acc",
          f"{spearman([e.ls_val_acc for e in tuned], [e.test_acc for e in tuned]):.2f}"],

@@ -116,7 +116,8 @@ def catalog_main(argv: list[str]) -> int:
     b.add_argument("--rank-steps", type=int, default=BuildConfig.rank_steps,
                    help="rank candidate points by validation accuracy after the first this "
                         "many steps of their stitch fine-tuning, which the kept points resume "
-                        "(0: by the least-squares start)")
+                        "(0: by the least-squares start, free but a poor predictor; a run "
+                        "of fewer --ft-steps is ranked at its end)")
     s = sub.add_parser("show", help="print the catalog and write its Pareto plot")
     s.add_argument("--home", type=Path, default=DEFAULT_HOME)
     s.add_argument("-v", "--verbose", action="store_true")

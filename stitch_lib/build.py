@@ -6,11 +6,12 @@ fit, whichever is more accurate on the validation split. Otherwise, for every or
 anchors (the ReStNet direction — larger in front — or both):
 1. CKA between every pair of body boundaries on calibration images;
 2. screen: keep the `screen` shape-feasible points with the highest CKA;
-3. rank: initialise each survivor by least squares (under a second) and keep the `top_k` with
-   the best validation accuracy — measured to predict fine-tuned accuracy far better than
-   CKA does (DESIGN §3) — or, with `rank_steps`, the validation accuracy after the first
-   that many steps of each point's own stitch fine-tuning (successive halving: a kept point
-   later goes on from there, so only the dropped points' steps are the ranking's price).
+3. rank: initialise each survivor by least squares (under a second), fine-tune its stitch for
+   the first `rank_steps` steps of its own run and keep the `top_k` with the best validation
+   accuracy there (successive halving: a kept point later goes on from there, so only the
+   dropped points' steps are the ranking's price). With `rank_steps=0` the least-squares
+   start ranks them: free, but it predicts fine-tuned accuracy poorly (docs/results.md,
+   "Ranking").
 Each stitch is linear plus a zero-initialised residual branch of width `stitch_hidden` (see
 `stitch`): the ranking sees exactly the least-squares fit, fine-tuning trains both.
 A point that costs more FLOPs than its pair's dearer anchor is dropped (before ranking, for
@@ -61,7 +62,11 @@ class BuildConfig:
         lr=1e-2, steps=600, n_train=10000, patience=None))
     latency_rounds: int = 30
     stitch_hidden: int = 64  # width of each stitch's residual branch; 0 = linear stitches
-    rank_steps: int = 0  # > 0: rank by val acc after this many of each point's `ft` steps
+    # Rank by val acc after this many of each point's `ft` steps (0: by the least-squares
+    # start). 158 steps, the run's second validation: the first whose order agreed with the
+    # final validation accuracy (Spearman 0.91; 0.50 after 79) in a build ranked at 300 steps
+    # (docs/results.md, "A catalog ranked by the first steps of its own fine-tuning")
+    rank_steps: int = 158
 
     def __post_init__(self) -> None:
         if self.finetune not in FINETUNE_MODES:
@@ -133,6 +138,14 @@ def _wire_size(tensors: dict[str, torch.Tensor]) -> int:
     return compressed_size(fp16_bytes(tensors))
 
 
+def _affordable(h: Hybrid, max_flops: int, x1: torch.Tensor) -> bool:
+    """Whether `h` costs no more FLOPs than its pair's dearer anchor (else logged, dropped)."""
+    if (n := flops(h, x1)) <= max_flops:
+        return True
+    log.info("dropped %s: %d FLOPs, more than its dearer anchor", h.name, n)
+    return False
+
+
 def _ranked_points(a: Anchor, b: Anchor, splits: DataSplits, cfg: BuildConfig,
                    m: torch.Tensor, candidates: list[dict], teacher: torch.nn.Module | None,
                    max_flops: int, device: torch.device | str) -> list[tuple[Hybrid, dict]]:
@@ -147,9 +160,7 @@ def _ranked_points(a: Anchor, b: Anchor, splits: DataSplits, cfg: BuildConfig,
     for i, j in pts:
         h, fit = build_hybrid(a.segments, i, b.segments, j, calib, hidden=cfg.stitch_hidden,
                               front_name=a.spec.name, back_name=b.spec.name)
-        if (n := flops(h, calib[:1])) > max_flops:  # it would take a kept place, then go
-            log.info("dropped %s before ranking: %d FLOPs, more than its dearer anchor",
-                     h.name, n)
+        if not _affordable(h, max_flops, calib[:1]):  # it would take a kept place, then go
             continue
         info = dict(cka=float(m[i, j]), ls_val_acc=evaluate(h, splits.val), **fit)
         info.update(init="ls", init_val_acc=info["ls_val_acc"], rank_val_acc=info["ls_val_acc"])
@@ -217,21 +228,18 @@ def build_catalog(zoo: Zoo | list[Anchor], splits: DataSplits, catalog: Catalog,
         a, b = by_name[fa], by_name[fb]
         m = cka_matrix(a.segments, b.segments, calib)
         cka_maps[f"{fa}→{fb}"] = m.tolist()
+        max_flops = max(costs[fa]["flops"], costs[fb]["flops"])
         if zoo.stitches:
             kept = [_cotrained_point(a, b, p, st, splits, cfg, m, candidates)
                     for p, st in sorted(zoo.stitches.items()) if (p.front, p.back) == (fa, fb)]
+            kept = [(h, info) for h, info in kept if _affordable(h, max_flops, x1)]
         else:
-            kept = _ranked_points(a, b, splits, cfg, m, candidates, teacher,
-                                  max(costs[fa]["flops"], costs[fb]["flops"]), device)
+            kept = _ranked_points(a, b, splits, cfg, m, candidates, teacher, max_flops, device)
         for h, info in kept:
             big = costs[fa]["flops"] >= costs[fb]["flops"]
             info.update(joint=f"{_kind(a.segments)}→{_kind(b.segments)}",
                         direction="large→small" if big else "small→large")
             info.update(_cost(h, x1))
-            if info["flops"] > max(costs[fa]["flops"], costs[fb]["flops"]):
-                log.info("dropped %s: %d FLOPs, more than its dearer anchor", h.name,
-                         info["flops"])
-                continue
             hybrids.append((h, info))
         log.info("ranked %s→%s: kept %d points", fa, fb, len(kept))
         if progress:
